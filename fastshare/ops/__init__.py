@@ -1,0 +1,26 @@
+"""fastshare's custom ops (``torch.ops.fastshare.*``) and their functional API.
+
+- :func:`gated_residual`: the fused Gumbel-gated residual (DESIGN.md §2).
+- :func:`gumbel_gate`: the Gumbel-Softmax gate.
+- :func:`use_backend`, :func:`available_backends`: backend choice (see :mod:`fastshare.ops.backends`).
+"""
+
+from fastshare.ops.backends import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    last_fallback_reasons,
+    use_backend,
+)
+from fastshare.ops.gated_residual import deterministic_reductions, gated_residual, gumbel_gate
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "deterministic_reductions",
+    "gated_residual",
+    "gumbel_gate",
+    "last_fallback_reasons",
+    "use_backend",
+]

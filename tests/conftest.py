@@ -1,0 +1,69 @@
+"""Shared test helpers: tolerances per dtype (written once), a verbose allclose, device parametrisation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# (atol, rtol) for elementwise results, per dtype (STYLE.md §5).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-7),
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-3, 1e-2),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return TOLERANCES[dtype]
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
+                         name: str = "tensor") -> None:
+    """allclose that reports max/mean error and the worst index on failure."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all() == torch.isfinite(e).all(), f"{name}: non-finite values differ"
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    if bool((err <= bound).all()):
+        return
+    worst = int((err - bound).argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))
+    raise AssertionError(
+        f"{name}: max abs err {err.max().item():.3e}, mean {err.mean().item():.3e}, "
+        f"{int((err > bound).sum())} / {err.numel()} elements out of tolerance (atol={atol}, rtol={rtol}); "
+        f"worst at {idx}: got {a[idx].item():.8g}, expected {e[idx].item():.8g}")
+
+
+def assert_reduction_close(actual: torch.Tensor, expected64: torch.Tensor, same_dtype_ref: torch.Tensor,
+                           atol: float = 0.0, name: str = "reduction") -> None:
+    """flash-attn rule for reductions: kernel error vs a float64 reference <= 2x the error of the reference
+    computed in the kernel's dtype (+ atol)."""
+    e64 = expected64.detach().double().cpu()
+    kernel_err = (actual.detach().double().cpu() - e64).abs().max().item()
+    ref_err = (same_dtype_ref.detach().double().cpu() - e64).abs().max().item()
+    assert kernel_err <= 2 * ref_err + atol, (
+        f"{name}: kernel error {kernel_err:.3e} > 2 x reference error {ref_err:.3e} + atol {atol:.1e}")
+
+
+def required_backends() -> set[str]:
+    """Backends CI requires (``FASTSHARE_REQUIRE_BACKENDS=cpu,triton``): their tests fail instead of skip."""
+    return {b.strip() for b in os.environ.get("FASTSHARE_REQUIRE_BACKENDS", "").split(",") if b.strip()}
+
+
+def skip_or_fail(backend: str, reason: str) -> None:
+    if backend in required_backends():
+        pytest.fail(f"backend {backend!r} is required (FASTSHARE_REQUIRE_BACKENDS) but unavailable: {reason}")
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

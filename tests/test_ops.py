@@ -1,0 +1,174 @@
+"""The registered ops: backend dispatch, opcheck, torch.compile, layouts — for every backend available here.
+
+Backend-specific kernel sweeps live in test_ext_*.py and test_triton_*.py; this file holds what every
+backend must satisfy through the op layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastshare
+from conftest import assert_close_verbose, skip_or_fail
+from fastshare import reference as R
+from fastshare.ops import BackendUnavailableError, available_backends, last_fallback_reasons, use_backend
+from fastshare.ops import deterministic_reductions
+
+
+def _inputs(n=6, shape=(3, 5, 4), lengths=(2, 1, 3), dtype=torch.float32, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, *shape, generator=gen).to(device, dtype)
+    r = torch.randn(n, *shape, generator=gen).to(device, dtype)
+    alpha = torch.randn(len(lengths), 2, generator=gen).to(device)
+    u = torch.rand(len(lengths), 2, generator=gen).clamp_(1e-6, 1 - 1e-6).to(device)
+    seg = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    return f, r, alpha, u, seg
+
+
+def _runnable_backends() -> list[str]:
+    names = ["reference"]
+    for name in ("cpu", "triton"):
+        if not available_backends("cpu")[name]:
+            names.append(name)
+    return names
+
+
+BACKENDS_HERE = _runnable_backends()
+
+
+def test_requested_backends_are_available():
+    from conftest import required_backends
+
+    for name in sorted(required_backends() - {"cuda"}):
+        reasons = available_backends("cpu")[name]
+        if reasons:
+            skip_or_fail(name, "; ".join(reasons))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("hard", [False, True])
+def test_op_matches_reference_forward_and_backward(backend, hard):
+    f, r, alpha, u, seg = _inputs(seed=1 + hard)
+    f.requires_grad_(), r.requires_grad_(), alpha.requires_grad_()
+    out = fastshare.gated_residual(f, r, alpha, u, 0.8, hard, seg, backend=backend)
+    d = torch.randn_like(out)
+    (out * d).sum().backward()
+    fr, rr, ar = (t.detach().clone().requires_grad_() for t in (f, r, alpha))
+    ref = R.gated_residual_ref(fr, rr, ar, u, 0.8, hard, seg)
+    (ref * d).sum().backward()
+    assert_close_verbose(out, ref, 1e-6, 1e-5, "out")
+    assert_close_verbose(f.grad, fr.grad, 1e-6, 1e-5, "df")
+    assert_close_verbose(r.grad, rr.grad, 1e-6, 1e-5, "dr")
+    assert_close_verbose(alpha.grad, ar.grad, 1e-5, 1e-4, "dalpha")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_opcheck_gated_residual(backend):
+    f, r, alpha, u, seg = _inputs(seed=3)
+    for t in (f, r, alpha):
+        t.requires_grad_()
+    for hard in (False, True):
+        torch.library.opcheck(torch.ops.fastshare.gated_residual.default,
+                              (f, r, alpha, u, 1.1, hard, seg, backend))
+
+
+def test_opcheck_gumbel_gate():
+    alpha = torch.randn(4, 2, requires_grad=True)
+    u = torch.rand(4, 2).clamp_(1e-6, 1 - 1e-6)
+    for hard in (False, True):
+        torch.library.opcheck(torch.ops.fastshare.gumbel_gate.default, (alpha, u, 0.7, hard))
+
+
+def test_gumbel_gate_op_matches_reference_and_gradient():
+    alpha = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(5, 2, dtype=torch.float64).clamp_(1e-6, 1 - 1e-6)
+    assert torch.autograd.gradcheck(lambda a: fastshare.gumbel_gate(a, u, 0.6, False), (alpha,))
+    for hard in (False, True):
+        a1 = alpha.detach().clone().requires_grad_()
+        a2 = alpha.detach().clone().requires_grad_()
+        d = torch.randn(5, 2, dtype=torch.float64)
+        (fastshare.gumbel_gate(a1, u, 0.6, hard) * d).sum().backward()
+        (R.gumbel_gate_ref(a2, u, 0.6, hard) * d).sum().backward()
+        assert torch.allclose(a1.grad, a2.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_compiled_gated_block_has_no_graph_break_and_matches_eager(backend):
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    bn = torch.nn.BatchNorm2d(3).eval()
+
+    def block(x, alpha, u, seg):
+        f = bn(conv(torch.relu(x)))
+        return fastshare.gated_residual(f, x, alpha, u, 0.9, True, seg, backend=backend)
+
+    x = torch.randn(6, 3, 5, 4)
+    alpha = torch.randn(3, 2, requires_grad=True)
+    u = torch.rand(3, 2).clamp_(1e-6, 1 - 1e-6)
+    seg = torch.tensor([0, 2, 3, 6])
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out_c = compiled(x, alpha, u, seg)
+    out_c.sum().backward()
+    grad_c = alpha.grad.clone()
+    alpha.grad = None
+    out_e = block(x, alpha, u, seg)
+    out_e.sum().backward()
+    assert_close_verbose(out_c, out_e, 1e-6, 1e-5, "compiled out")
+    assert_close_verbose(grad_c, alpha.grad, 1e-6, 1e-5, "compiled dalpha")
+
+
+def test_channels_last_and_strided_inputs():
+    f, r, alpha, u, seg = _inputs(n=6, shape=(4, 5, 3), seed=4)
+    cl_f, cl_r = f.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)
+    out = fastshare.gated_residual(cl_f, cl_r, alpha, u, 1.0, False, seg)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_verbose(out, R.gated_residual_ref(f, r, alpha, u, 1.0, False, seg), 1e-6, 1e-5, "cl")
+    big_f, big_r = torch.randn(6, 12, 5, 3), torch.randn(6, 12, 5, 3)
+    sl_f, sl_r = big_f[:, 4:8], big_r[:, 4:8]  # non-contiguous slices: documented copy
+    out = fastshare.gated_residual(sl_f, sl_r, alpha, u, 1.0, False, seg)
+    assert_close_verbose(out, R.gated_residual_ref(sl_f.contiguous(), sl_r.contiguous(), alpha, u, 1.0, False,
+                                                   seg), 1e-6, 1e-5, "sliced")
+
+
+class TestDispatch:
+    def test_unknown_backend(self):
+        f, r, alpha, u, seg = _inputs()
+        with pytest.raises(ValueError, match="unknown backend 'fast'"):
+            fastshare.gated_residual(f, r, alpha, u, 1.0, False, seg, backend="fast")
+
+    def test_explicit_unavailable_backend_raises_with_reasons(self):
+        f, r, alpha, u, seg = _inputs()
+        with pytest.raises(BackendUnavailableError, match="the cuda backend runs on CUDA tensors, got cpu"):
+            fastshare.gated_residual(f, r, alpha, u, 1.0, False, seg, backend="cuda")
+
+    def test_context_and_env_precedence(self, monkeypatch):
+        from fastshare.ops.backends import requested_backend
+
+        monkeypatch.setenv("FASTSHARE_BACKEND", "reference")
+        assert requested_backend() == "reference"
+        with use_backend("auto"):
+            assert requested_backend() == "auto"
+            with use_backend("cpu"):
+                assert requested_backend() == "cpu"
+                assert requested_backend("triton") == "triton"
+            assert requested_backend() == "auto"
+        monkeypatch.setenv("FASTSHARE_BACKEND", "bogus")
+        with pytest.raises(ValueError, match="FASTSHARE_BACKEND='bogus'"):
+            requested_backend()
+
+    def test_auto_records_why_it_fell_back(self, monkeypatch):
+        from fastshare.ops import backends
+
+        monkeypatch.setattr(backends._ext, "load", lambda: (None, "not built in this test"))
+        f, r, alpha, u, seg = _inputs()
+        fastshare.gated_residual(f, r, alpha, u, 1.0, False, seg, backend="auto")
+        reasons = last_fallback_reasons()
+        assert "cpu" in reasons and any("not built in this test" in why for why in reasons["cpu"])
+
+    def test_deterministic_switch(self, monkeypatch):
+        assert not deterministic_reductions() or os.environ.get("FASTSHARE_DETERMINISTIC") == "1"
+        monkeypatch.setenv("FASTSHARE_DETERMINISTIC", "1")
+        assert deterministic_reductions()

@@ -8,6 +8,7 @@ extension (those load on first use). Public API:
 - reference: :mod:`fastshare.reference`, the pure-PyTorch specification of every op
 """
 
+from fastshare.export import export
 from fastshare.ops import (
     BACKENDS,
     BackendUnavailableError,
@@ -23,6 +24,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
+    "export",
     "gated_residual",
     "gumbel_gate",
     "use_backend",

@@ -56,9 +56,9 @@ def unit_normals(vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     Pixels whose vector has zero length are also set to 0 (the "invalid normal" marker).
     """
     v = vectors.float()
-    norm = v.norm(dim=0, keepdim=True)
+    norm = (v * v).sum(dim=0, keepdim=True).sqrt()
     ok = valid.unsqueeze(0) & (norm > 0)
-    return torch.where(ok, v / norm.clamp_min(1e-12), torch.zeros_like(v))
+    return torch.where(ok, v / norm.clamp_min(1e-12), 0.0)
 
 
 def _uniform(generator: torch.Generator | None) -> float:

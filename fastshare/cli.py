@@ -1,0 +1,366 @@
+"""``fastshare`` command line (also ``python -m fastshare``; under ``torchrun`` for several processes).
+
+Commands:
+
+- ``demo [--quick]``: the whole AdaShare run on synthetic data (tiny ResNet-18 heads, 64 px), printing the
+  learned policy (task x block), the test metrics and the measured speed-up of the fast executor over the
+  sequential reference;
+- ``train --config X.yml [--resume CKPT]``: search + re-training (``torchrun ... -m fastshare train`` for DDP);
+- ``retrain --config X.yml --from CKPT``: re-train the architectures of a finished search checkpoint;
+- ``eval --config X.yml --checkpoint CKPT [--split test]``: metrics of a checkpoint's model and policy;
+- ``policy show --checkpoint CKPT [--out policy.png]``: select-probability table and heat map (matplotlib);
+- ``info``: versions and which backends and executors are available (and why not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["main", "format_policy", "DEMO_CONFIG"]
+
+#: The demo's configuration (AdaShare's keys). Hyper-parameters chosen so that the tasks take different
+#: paths with the default seed: sharing loss off (nothing pulls the tasks' logits together), a sparsity
+#: weight large enough for the logits to move within a few policy epochs, no curriculum (every block is
+#: trained from the first policy epoch), a policy learning rate of 0.1 and hard straight-through gates.
+DEMO_CONFIG: dict[str, Any] = {
+    "exp_name": "demo",
+    "seed": [0],
+    "backbone": "ResNet18",
+    "tasks": ["seg", "sn", "depth"],
+    "tasks_num_class": [4, 3, 1],
+    "lambdas": [1.0, 5.0, 1.0],
+    "is_sparse": True,
+    "is_sharing": False,
+    "is_curriculum": False,
+    "diff_sparsity_weights": True,
+    "dataload": {"dataset": "Synthetic", "crop_h": 64, "crop_w": 64},
+    "train": {"batch_size": 4, "total_iters": 60, "warm_up_iters": 20, "retrain_total_iters": 20,
+              "weight_iter_alternate": 4, "alpha_iter_alternate": 4, "lr": 0.001, "backbone_lr": 0.001,
+              "policy_lr": 0.1, "reg_w": 0.5, "val_freq": 10, "print_freq": 5, "decay_lr_freq": 1000,
+              "init_temp": 5.0, "decay_temp": 0.965, "init_method": "equal", "hard_sampling": True},
+}
+DEMO_QUICK = {"train": {"batch_size": 2, "total_iters": 8, "warm_up_iters": 2, "retrain_total_iters": 2,
+                        "weight_iter_alternate": 2, "alpha_iter_alternate": 2, "val_freq": 2},
+              "dataload": {"crop_h": 33, "crop_w": 33}}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def format_policy(tasks: Sequence[str], policy: Sequence[Sequence[int]],
+                  probs: Sequence[Sequence[float]] | None = None) -> str:
+    """A task x block table: ``X`` = execute, ``.`` = skip (with the select probability when given)."""
+    n = len(policy[0])
+    width = 6 if probs is not None else 3
+    lp = len(probs[0]) if probs is not None else 0
+    head = f"{'task':<8}" + "".join(f"{'b' + str(l):>{width}}" for l in range(n))
+    rows = [head]
+    for k, task in enumerate(tasks):
+        cells = []
+        for l in range(n):
+            mark = "X" if policy[k][l] else "."
+            if probs is not None and l >= n - lp:
+                cells.append(f"{mark}{probs[k][l - (n - lp)]:.2f}".rjust(width))
+            else:
+                cells.append(mark.rjust(width))
+        rows.append(f"{task:<8}" + "".join(cells))
+    return "\n".join(rows)
+
+
+def _format_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    return "\n".join(f"  {task:<6} " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
+                     for task, vals in metrics.items())
+
+
+def _median_time(fn: Callable[[], Any], steps: int) -> float:
+    fn()
+    times = []
+    for _ in range(steps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_speedup(trainer: Any, policy: torch.Tensor, steps: int = 3) -> dict[str, Any]:
+    """Seconds per training step (forward + backward) of the re-training model with ``policy`` under the
+    sequential reference and the executor ``auto`` picks for a fixed policy, on the same batch."""
+    from fastshare import executors
+    from fastshare.train.phases import task_losses
+    from fastshare.losses import total_task_loss
+
+    net = trainer.net
+    gates = net.gates("fixed", policy=policy)
+    batch = trainer._batch("train")
+    fast = executors.resolve("auto", gates)
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            net.zero_grad(set_to_none=True)
+            out = net(batch["img"], gates, executor=name)
+            total_task_loss(task_losses(out, batch, trainer.tasks), trainer.lambdas).backward()
+        return run
+
+    t_seq = _median_time(step("sequential"), steps)
+    t_fast = _median_time(step(fast), steps) if fast != "sequential" else t_seq
+    net.zero_grad(set_to_none=True)
+    return {"fast_executor": fast, "sequential_s": t_seq, "fast_s": t_fast, "speedup": t_seq / t_fast}
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fastshare.config import load_config
+    from fastshare.train import RunOptions, Trainer
+
+    raw = _merge(DEMO_CONFIG, DEMO_QUICK) if args.quick else dict(DEMO_CONFIG)
+    out = Path(args.out)
+    raw = _merge(raw, {"seed": [args.seed], "paths": {"log_dir": str(out / "logs"),
+                                                       "checkpoint_dir": str(out / "checkpoints"),
+                                                       "result_dir": str(out / "results")}})
+    cfg = load_config(raw)
+    opts = RunOptions(head_width=8 if args.quick else 32, dropout=0.0, num_samples=1,
+                      num_train=24 if args.quick else 160, num_test=4 if args.quick else 32,
+                      eval_batches=2 if args.quick else None, progress=not args.no_progress)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, opts)
+    result = trainer.run()
+    elapsed = time.perf_counter() - t0
+    policy = result["policy"]
+    print(f"learned policy (X = execute, with P(execute)), selected at iteration {result['best_iter']}:")
+    print(format_policy(result["tasks"], policy, result["select_prob"]))
+    distinct = len({tuple(p) for p in policy}) > 1
+    print(f"tasks take different paths: {'yes' if distinct else 'no'}")
+    for arch in result["architectures"]:
+        kind = "argmax" if arch["arch"] == 0 else "sampled"
+        print(f"architecture {arch['arch']} ({kind}), validation score {arch['val_score']:+.2f}%, test metrics:")
+        print(_format_metrics(arch["test"]))
+    speed = measure_speedup(trainer, torch.tensor(policy, dtype=torch.float32), steps=2 if args.quick else 3)
+    print(f"re-training step: sequential {speed['sequential_s'] * 1e3:.1f} ms, {speed['fast_executor']} "
+          f"{speed['fast_s'] * 1e3:.1f} ms, speed-up {speed['speedup']:.2f}x")
+    print(f"demo wall time {elapsed:.1f} s (training and evaluation); logs in {out / 'logs' / cfg.exp_name}")
+    return 0
+
+
+def _load_cfg(path: str):
+    from fastshare.config import load_config
+
+    return load_config(path)
+
+
+def _run_options(args: argparse.Namespace):
+    from fastshare.train import RunOptions
+
+    return RunOptions(head_width=args.head_width, num_samples=args.num_samples, val_fraction=args.val_fraction,
+                      eval_batches=args.eval_batches, tensorboard=args.tensorboard,
+                      progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastshare.train import Trainer
+    from fastshare.train.distributed import cleanup, init_distributed
+
+    cfg = _load_cfg(args.config)
+    ctx = init_distributed(cfg.device)
+    try:
+        trainer = Trainer(cfg, _run_options(args), ctx)
+        if args.resume:
+            trainer.load(args.resume)
+        result = trainer.run()
+        if ctx.is_main:
+            print(json.dumps(result, indent=1, default=float))
+    finally:
+        cleanup(ctx)
+    return 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from fastshare.train import Trainer, load_checkpoint
+    from fastshare.train.distributed import cleanup, init_distributed
+
+    cfg = _load_cfg(args.config)
+    ck = load_checkpoint(args.source)
+    if ck["trainer"]["phase"] not in ("retrain", "done"):
+        raise SystemExit(f"{args.source}: the search has not finished (phase {ck['trainer']['phase']!r}); "
+                         f"use `fastshare train --resume {args.source}`, or the `search_done` checkpoint")
+    ctx = init_distributed(cfg.device)
+    try:
+        trainer = Trainer(cfg, _run_options(args), ctx)
+        trainer.load(args.source)
+        if trainer.state.phase == "done":  # re-train again from the first architecture
+            trainer.state.phase, trainer.state.arch, trainer.state.retrain_iter = "retrain", 0, 0
+            trainer.state.results = []
+            trainer._new_retrain_model(0)
+        result = trainer.run()
+        if ctx.is_main:
+            print(json.dumps(result, indent=1, default=float))
+    finally:
+        cleanup(ctx)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fastshare.train import Trainer, evaluate, load_checkpoint
+
+    cfg = _load_cfg(args.config)
+    opts = _run_options(args)
+    trainer = Trainer(cfg, opts)
+    ck = load_checkpoint(args.checkpoint, trainer.device)
+    state = ck["trainer"]
+    trainer.net.load_state_dict(ck["model"])
+    if state["phase"] in ("retrain", "done") and state.get("policies"):
+        arch = min(state["arch"], len(state["policies"]) - 1)
+        policy = torch.tensor(state["policies"][arch], dtype=torch.float32)
+        gates = trainer.net.gates("fixed", policy=policy)
+    elif state["phase"] == "policy":
+        policy = trainer.current_policy()
+        gates = trainer.net.gates("fixed", policy=policy)
+    else:
+        gates = trainer.net.gates("full")
+    metrics = evaluate(trainer.net, trainer.data[args.split], gates, trainer.num_class, cfg.train.batch_size,
+                       trainer.device, opts.eval_batches)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _cmd_policy_show(args: argparse.Namespace) -> int:
+    from fastshare.policy import argmax_policy, select_probability
+    from fastshare.train import load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint)
+    st = ck["trainer"]
+    alpha = torch.tensor(st["best_logits"]) if st.get("best_logits") else ck["model"]["logits"]
+    tasks = ck["config"]["tasks"]
+    probs = select_probability(alpha)
+    lp = alpha.shape[1]
+    num_blocks = lp + int(ck["config"].get("skip_layer", 0))
+    print(format_policy(tasks, argmax_policy(alpha, num_blocks).to(torch.int64).tolist(), probs.tolist()))
+    if args.out:
+        try:
+            import matplotlib
+        except ImportError:
+            print("policy show: writing a PNG needs matplotlib, which is not installed "
+                  "(pip install 'fastshare[plot]'); the table above is the text version", file=sys.stderr)
+            return 2
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * lp, 1 + 0.5 * len(tasks)))
+        im = ax.imshow(probs.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(lp), [f"b{l + num_blocks - lp}" for l in range(lp)])
+        ax.set_yticks(range(len(tasks)), tasks)
+        ax.set_xlabel("block")
+        ax.set_title("P(execute) per task and block")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import fastshare
+    from fastshare import executors
+    from fastshare.ops import available_backends
+
+    print(f"fastshare {fastshare.__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    for mod in ("triton", "numpy", "matplotlib", "tensorboard"):
+        try:
+            m = __import__(mod)
+            print(f"{mod}: {getattr(m, '__version__', 'installed')}")
+        except ImportError:
+            print(f"{mod}: not installed")
+    print(f"CUDA available: {torch.cuda.is_available()}"
+          + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        print(f"backends on {dev}:")
+        for name, reasons in available_backends(dev).items():
+            print(f"  {name:<10} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+    registered = sorted(executors._EXECUTORS)
+    print("executors: " + ", ".join(f"{n} ({'registered' if n in registered else 'not registered'})"
+                                    for n in executors.NAMES[1:]))
+    return 0
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML configuration (AdaShare's keys + fastshare's)")
+    p.add_argument("--head-width", type=int, default=1024, help="ASPP branch width (default 1024, the paper's)")
+    p.add_argument("--num-samples", type=int, default=1, help="architectures sampled besides the argmax one")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train held out for selection")
+    p.add_argument("--eval-batches", type=int, default=None, help="cap on evaluation batches")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also save 'latest' every N iterations")
+    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars (needs tensorboard)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fastshare`` command."""
+    parser = argparse.ArgumentParser(prog="fastshare", description="Fast AdaShare multi-task training")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole run on synthetic data (CPU, a few minutes)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="fastshare_demo", help="folder for logs and checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("train", help="search + re-train from a YAML configuration")
+    _add_run_flags(p)
+    p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("retrain", help="re-train the architectures of a finished search")
+    _add_run_flags(p)
+    p.add_argument("--from", dest="source", required=True, help="checkpoint written after the search")
+    p.set_defaults(fn=_cmd_retrain)
+
+    p = sub.add_parser("eval", help="metrics of a checkpoint")
+    _add_run_flags(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test", choices=("val", "test"))
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("policy", help="inspect a learned policy")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    q = psub.add_parser("show", help="select probabilities as a table and a PNG heat map")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--out", default=None, help="PNG path for the heat map (needs matplotlib)")
+    q.set_defaults(fn=_cmd_policy_show)
+
+    p = sub.add_parser("info", help="versions, backends and executors available here")
+    p.set_defaults(fn=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fastshare`` / ``python -m fastshare``; configuration and checkpoint errors are
+    reported in one line (exit status 2)."""
+    from fastshare.config import ConfigError
+    from fastshare.train.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+        print(f"fastshare {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -19,7 +19,8 @@ Where this differs from AdaShare's ``test.py`` (all choices make the result inde
   exact.
 
 Percentages (``within_*``, ``delta_*``) are in percent, as AdaShare prints them; ``mIoU`` and ``pixel_acc``
-are fractions in [0, 1].
+are fractions in [0, 1]. Accumulators compute on the prediction's device (float64 for normals and
+depth; float32 cross-entropy for segmentation) and keep their running sums on the CPU.
 """
 
 from __future__ import annotations
@@ -96,34 +97,41 @@ class SegmentationMetric:
             raise ValueError(f"segmentation target must be (B, H, W), got {tuple(target.shape)}")
         if target.dtype.is_floating_point:
             raise TypeError(f"segmentation target must be an integer tensor, got {target.dtype}")
-        target = target.detach().cpu().long()
+        pred = pred.detach()
+        target = target.detach().to(pred.device).long()
         logits = None
         if pred.ndim == 4:
             if pred.shape[1] != self.num_classes:
                 raise ValueError(f"logits have {pred.shape[1]} channels, expected num_classes={self.num_classes}")
-            logits = pred.detach().cpu().double()
-            labels = logits.argmax(dim=1)
+            logits = pred
+            labels = pred.argmax(dim=1)
         elif pred.ndim == 3:
-            labels = pred.detach().cpu().long()
+            labels = pred.long()
         else:
-            raise ValueError(f"segmentation prediction must be (B, C, H, W) logits or (B, H, W) labels, got {tuple(pred.shape)}")
+            raise ValueError(
+                f"segmentation prediction must be (B, C, H, W) logits or (B, H, W) labels, got {tuple(pred.shape)}"
+            )
         if labels.shape != target.shape:
             raise ValueError(f"prediction {tuple(labels.shape)} and target {tuple(target.shape)} differ in size")
         valid = target != self.ignore_index
         t, p = target[valid], labels[valid]
         if t.numel() and (t.min() < 0 or t.max() >= self.num_classes):
             bad = t[(t < 0) | (t >= self.num_classes)][0]
-            raise ValueError(f"target label {int(bad)} outside [0, {self.num_classes}) and not ignore_index={self.ignore_index}")
+            raise ValueError(
+                f"target label {int(bad)} outside [0, {self.num_classes}) and not ignore_index={self.ignore_index}"
+            )
         if p.numel() and (p.min() < 0 or p.max() >= self.num_classes):
             raise ValueError(f"predicted labels must lie in [0, {self.num_classes})")
-        self.confusion += torch.bincount(t * self.num_classes + p, minlength=self.num_classes**2).view(
-            self.num_classes, self.num_classes
-        )
+        counts = torch.bincount(t * self.num_classes + p, minlength=self.num_classes**2)
+        self.confusion += counts.cpu().view(self.num_classes, self.num_classes)
         if logits is not None:
             self._ce_seen = True
-            nll = -torch.log_softmax(logits, dim=1).gather(1, target.clamp(0, self.num_classes - 1).unsqueeze(1))[:, 0]
-            w = torch.ones_like(nll) if self.class_weights is None else self.class_weights[target.clamp(0, self.num_classes - 1)]
-            w = w * valid
+            safe = target.clamp(0, self.num_classes - 1)  # ignored pixels get weight 0 below
+            nll = F.cross_entropy(logits.float(), safe, reduction="none").double()
+            if self.class_weights is None:
+                w = valid.double()
+            else:
+                w = self.class_weights.to(pred.device)[safe] * valid
             self._ce_sum += float((w * nll).sum())
             self._ce_weight += float(w.sum())
 
@@ -169,10 +177,10 @@ class NormalMetric:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         _check_pair(pred, target, 3, "normal")
-        p, t = pred.detach().cpu().double(), target.detach().cpu().double()
+        p, t = pred.detach().double(), target.detach().to(pred.device).double()
         valid = t.abs().sum(dim=1) > 0
         if mask is not None:
-            valid = valid & mask.detach().cpu().bool()
+            valid = valid & mask.detach().to(pred.device).bool()
         cos = (F.normalize(p, dim=1) * F.normalize(t, dim=1)).sum(dim=1)[valid].clamp(-1.0, 1.0)
         deg = torch.rad2deg(torch.acos(cos))
         self.count += deg.numel()
@@ -180,8 +188,8 @@ class NormalMetric:
         for i, thr in enumerate(NORMAL_THRESHOLDS):
             self._within[i] += int((deg <= thr).sum())
         bins = (deg / _HIST_BIN_DEG).floor().long().clamp(0, self._nbins - 1)
-        self._hist += torch.bincount(bins, minlength=self._nbins)
-        self._bin_sum += torch.bincount(bins, weights=deg, minlength=self._nbins)
+        self._hist += torch.bincount(bins, minlength=self._nbins).cpu()
+        self._bin_sum += torch.bincount(bins, weights=deg, minlength=self._nbins).cpu()
 
     def _order_statistic(self, i: int) -> float:
         # The i-th smallest angle (0-based), approximated by the mean angle of its histogram bin.
@@ -224,10 +232,10 @@ class DepthMetric:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         _check_pair(pred, target, 1, "depth")
-        p, g = pred.detach().cpu().double(), target.detach().cpu().double()
+        p, g = pred.detach().double(), target.detach().to(pred.device).double()
         valid = g > self.min_depth
         if mask is not None:
-            valid = valid & mask.detach().cpu().bool()
+            valid = valid & mask.detach().to(pred.device).bool()
         p, g = p[valid], g[valid]
         diff = p - g
         self.count += g.numel()
@@ -243,7 +251,12 @@ class DepthMetric:
         if self.count == 0:
             raise ValueError("DepthMetric.compute(): no valid pixel seen")
         n = self.count
-        out = {"abs_err": self._abs / n, "rel_err": self._rel / n, "sq_rel_err": self._sq_rel / n, "rmse": math.sqrt(self._sq / n)}
+        out = {
+            "abs_err": self._abs / n,
+            "rel_err": self._rel / n,
+            "sq_rel_err": self._sq_rel / n,
+            "rmse": math.sqrt(self._sq / n),
+        }
         for name, k in zip(_DELTA_NAMES, self._delta):
             out[name] = 100.0 * k / n
         return out
@@ -266,7 +279,7 @@ class L1Metric:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         _check_pair(pred, target, 1, "L1")
-        p, t = pred.detach().cpu().double(), target.detach().cpu().double()
+        p, t = pred.detach().double(), target.detach().to(pred.device).double()
         valid = t != self.ignore_value
         self.count += int(valid.sum())
         self._abs += float((p - t).abs()[valid].sum())

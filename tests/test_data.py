@@ -139,7 +139,9 @@ def test_augment_pads_with_ignore_values_and_keeps_labels():
 def test_augment_flip_and_crop_window():
     x = torch.arange(2 * 6 * 8, dtype=torch.float32).view(2, 6, 8)
     g = torch.Generator().manual_seed(0)
-    kw = dict(interpolation={"x": "nearest"}, pad_value={"x": 0.0}, flip_negate_channel={"x": 1}, scale_range=(1.0, 1.0))
+    kw = dict(
+        interpolation={"x": "nearest"}, pad_value={"x": 0.0}, flip_negate_channel={"x": 1}, scale_range=(1.0, 1.0)
+    )
     seen_flip = seen_plain = False
     for _ in range(20):
         out = random_scale_flip_crop({"x": x}, 4, 5, generator=g, **kw)["x"]
@@ -175,8 +177,8 @@ def test_nyu_real_sample_matches_files():
     torch.testing.assert_close(s["img"], bgr - MEAN, rtol=0, atol=1e-4)  # BGR order, BGR mean
     seg = torch.from_numpy(np.asarray(Image.open(NYU_SAMPLES / "seg/0061.png")).astype(np.int64))
     assert torch.equal(s["seg"], seg) and set(seg.unique().tolist()) <= set(range(40)) | {255}
-    raw = torch.from_numpy(np.asarray(Image.open(NYU_SAMPLES / "normal_mask/0061.png"), dtype=np.float32)[:, :, ::-1].copy())
-    raw = raw.permute(2, 0, 1)
+    raw = np.asarray(Image.open(NYU_SAMPLES / "normal_mask/0061.png"), dtype=np.float32)
+    raw = torch.from_numpy(raw[:, :, ::-1].copy()).permute(2, 0, 1)  # BGR, as OpenCV reads it
     invalid = (raw == 255).any(dim=0)
     assert 0 < invalid.float().mean() < 0.5
     assert (s["normal"][:, invalid] == 0).all()
@@ -188,18 +190,16 @@ def test_nyu_real_sample_matches_files():
 @needs_nyu
 def test_nyu_real_sample_augmented():
     split = nyu_split_from_folders(NYU_SAMPLES)
-    make = lambda: NYUv2(NYU_SAMPLES, "test", 321, 321, splits=split, augment=True, generator=torch.Generator().manual_seed(5))
+    def make() -> NYUv2:
+        gen = torch.Generator().manual_seed(5)
+        return NYUv2(NYU_SAMPLES, "test", 321, 321, splits=split, augment=True, generator=gen)
+
     a, b = make()[1], make()[1]
     assert all(torch.equal(a[k], b[k]) for k in a)  # seeded generator -> same augmentation
     _check_sample_contract(a, 321, 321)
     labels = set(np.unique(np.asarray(Image.open(NYU_SAMPLES / "seg/0295.png"))).tolist())
     assert set(a["seg"].unique().tolist()) <= labels | {255}
     assert ((a["depth"] == 0) | (a["depth"] > 0.4)).all()
-    # padded pixels: image is 0 - mean, seg 255, depth 0, normal 0
-    pad = (a["depth"][0] == 0)
-    if pad.any():
-        assert (a["seg"][pad] == 255).all() and (a["normal"][:, pad] == 0).all()
-        torch.testing.assert_close(a["img"][:, pad], (-MEAN).expand(3, int(pad.sum()))[:, :1].expand(3, int(pad.sum())))
 
 
 # ---------------------------------------------------------------------- tiny on-disk data sets (tmp)
@@ -224,6 +224,14 @@ def test_nyu_json_splits_and_train_augmentation(tmp_path: Path):
     train = NYUv2(tmp_path, "train", 10, 10)
     assert len(train) == 2 and train.augment
     _check_sample_contract(train[0], 10, 10)
+    # a crop larger than 1.5x the 12x16 image is always padded: image 0 - mean, seg 255, normal 0, depth 0
+    big = NYUv2(tmp_path, "train", 30, 30, generator=torch.Generator().manual_seed(0))[1]
+    _check_sample_contract(big, 30, 30)
+    pad = big["depth"][0] == 0
+    assert pad[0].all() and pad[:, 0].all() and not pad.all()
+    assert (big["seg"][pad] == 255).all() and (big["normal"][:, pad] == 0).all()
+    torch.testing.assert_close(big["img"][:, pad], -MEAN[:, :, 0].expand(3, int(pad.sum())))
+    assert (big["depth"][0][~pad] >= 0.5).all()
     test = NYUv2(tmp_path, "test")
     assert len(test) == 1 and not test.augment
     _check_sample_contract(test[0], 12, 16)
@@ -247,8 +255,7 @@ def test_nyu_corrupt_and_missing_files_name_the_file(tmp_path: Path):
     (tmp_path / "seg/0.png").write_bytes(png[: len(png) - 40])  # truncated PNG
     with pytest.raises(DataFileError, match=r"seg/0\.png"):
         ds[0]
-    (tmp_path / "normal_mask/0.png").unlink()
-    _write_nyu(tmp_path, n=1)
+    _write_nyu(tmp_path)
     (tmp_path / "normal_mask/0.png").unlink()
     with pytest.raises(DataFileError, match=r"normal_mask/0\.png: no such file"):
         ds[0]
@@ -339,7 +346,8 @@ def test_taskonomy_decoding(tmp_path: Path):
     s = ds[0]
     assert s["img"].shape == (3, 256, 256) and s["keypoint"].shape == (1, 256, 256) and s["edge"].shape == (1, 256, 256)
     up = lambda x: np.repeat(np.repeat(x, 8, axis=0), 8, axis=1)  # 32 -> 256 nearest
-    torch.testing.assert_close(s["img"], torch.from_numpy(up(a["rgb"])[:, :, ::-1].astype(np.float32).copy()).permute(2, 0, 1) - MEAN)
+    bgr = torch.from_numpy(up(a["rgb"])[:, :, ::-1].astype(np.float32).copy()).permute(2, 0, 1)
+    torch.testing.assert_close(s["img"], bgr - MEAN)
     seg = up(a["seg"]).astype(np.int64)
     assert torch.equal(s["seg"], torch.from_numpy(np.where(seg == 0, 255, seg - 1)))
     d = up(a["depth"]).astype(np.float64)

@@ -31,7 +31,13 @@ if TYPE_CHECKING:
     from fastshare.config import Config
 
 #: AdaShare task name -> key of its target in a sample.
-TASK_TARGET_KEY: dict[str, str] = {"seg": "seg", "sn": "normal", "depth": "depth", "keypoint": "keypoint", "edge": "edge"}
+TASK_TARGET_KEY: dict[str, str] = {
+    "seg": "seg",
+    "sn": "normal",
+    "depth": "depth",
+    "keypoint": "keypoint",
+    "edge": "edge",
+}
 
 
 def build_dataset(cfg: Config, split: str, *, augment: bool | None = None) -> torch.utils.data.Dataset:

@@ -69,7 +69,8 @@ def read_npy(path: PathLike, *, ndim: tuple[int, ...] | None = None) -> np.ndarr
     if not isinstance(arr, np.ndarray):
         raise DataFileError(path, f"expected a single array, got {type(arr).__name__}")
     if ndim is not None and arr.ndim not in ndim:
-        raise DataFileError(path, f"expected an array with {' or '.join(map(str, ndim))} dimensions, got shape {arr.shape}")
+        dims = " or ".join(map(str, ndim))
+        raise DataFileError(path, f"expected an array with {dims} dimensions, got shape {arr.shape}")
     return arr
 
 
@@ -92,6 +93,9 @@ def read_split_file(root: PathLike, name: str, split: str) -> list[list[str]]:
     if split not in info:
         raise KeyError(f"split {split!r} not in {path}; available: {sorted(info)}")
     groups = info[split]
-    if not isinstance(groups, list) or not all(isinstance(g, list) and all(isinstance(p, str) for p in g) for g in groups):
+    well_formed = isinstance(groups, list) and all(
+        isinstance(g, list) and all(isinstance(p, str) for p in g) for g in groups
+    )
+    if not well_formed:
         raise DataFileError(path, f"split {split!r} must be a list of lists of path strings")
     return groups

@@ -139,7 +139,14 @@ class Taskonomy(torch.utils.data.Dataset):
                 maps,
                 *self.crop,
                 interpolation={k: ("bilinear" if k == "img" else "nearest") for k in maps},
-                pad_value={"img": 0.0, "seg": IGNORE_INDEX, "normal": 0.0, "depth": 0.0, "keypoint": 255.0, "edge": 255.0},
+                pad_value={
+                    "img": 0.0,
+                    "seg": IGNORE_INDEX,
+                    "normal": 0.0,
+                    "depth": 0.0,
+                    "keypoint": 255.0,
+                    "edge": 255.0,
+                },
                 flip_negate_channel={"normal": 0},
                 generator=self.generator,
             )

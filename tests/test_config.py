@@ -35,7 +35,8 @@ def test_published_nyu_3task_values():
     cfg = load_config(FIXTURES / "nyu_v2_3task.yml")
     assert cfg.backbone == "ResNet34"
     assert cfg.tasks == ["seg", "sn", "depth"]
-    assert cfg.dataload == DataloadConfig(dataset="NYU_v2", dataroot="/scratch/research/datasets/nyu_v2", crop_h=321, crop_w=321)
+    expected = DataloadConfig(dataset="NYU_v2", dataroot="/scratch/research/datasets/nyu_v2", crop_h=321, crop_w=321)
+    assert cfg.dataload == expected
     assert cfg.train.reg_w == 0.001 and isinstance(cfg.train.init_temp, float) and cfg.train.init_temp == 5.0
     assert cfg.train.policy_iter == "best" and cfg.test.which_iter == "best"
     assert cfg.train.weight_iter_alternate is None  # AdaShare: len(train1 loader)
@@ -65,7 +66,8 @@ def test_round_trip_dict_and_yaml(path: Path, tmp_path: Path):
 
 
 def test_fastshare_keys():
-    cfg = load_config({"executor": "tree", "backend": "reference", "precision": "bf16", "channels_last": True, "device": "cpu", "workers": 2})
+    keys = {"executor": "tree", "backend": "reference", "precision": "bf16", "channels_last": True, "device": "cpu"}
+    cfg = load_config({**keys, "workers": 2})
     assert (cfg.executor, cfg.backend, cfg.precision, cfg.channels_last, cfg.device, cfg.workers) == (
         "tree", "reference", "bf16", True, "cpu", 2,
     )
@@ -118,7 +120,10 @@ def test_wrong_type_is_an_error_naming_the_key(data, pattern):
     ("data", "pattern"),
     [
         ({"dataload": {"dataset": "NYU"}}, r"dataload\.dataset: 'NYU' is not one of .*did you mean 'NYU_v2'"),
-        ({"tasks": ["seg", "normal"], "tasks_num_class": [40, 3], "lambdas": [1, 1]}, r"tasks\[1\]: unknown task 'normal'"),
+        (
+            {"tasks": ["seg", "normal"], "tasks_num_class": [40, 3], "lambdas": [1, 1]},
+            r"tasks\[1\]: unknown task 'normal'",
+        ),
         ({"tasks": ["seg"], "tasks_num_class": [40, 3], "lambdas": [1]}, r"tasks_num_class: needs one entry per task"),
         ({"train": {"batch_size": 0}}, r"train\.batch_size: must be > 0"),
         ({"executor": "fast"}, r"executor: 'fast' is not one of"),

@@ -58,12 +58,11 @@ def export(model, policy: torch.Tensor | Plan) -> CompactNet:
     ``state_dict`` holds copies of exactly the used weights and buffers; ``report(input_size)`` gives its
     parameters and FLOPs against the full multi-task network and K single-task networks.
     """
-    plan = policy if isinstance(policy, Plan) else Plan(policy, model.tasks)
+    plan = policy if isinstance(policy, Plan) else Plan(policy)
     if (plan.num_tasks, plan.num_blocks) != (model.num_tasks, model.num_blocks):
         raise ValueError(f"policy is {plan.num_tasks} x {plan.num_blocks}, the model has "
                          f"{model.num_tasks} tasks x {model.num_blocks} blocks")
-    if plan.task_names != tuple(model.tasks):
-        plan = Plan(plan.policy, model.tasks)
+    plan = Plan(plan.policy, model.tasks)
     bb = model.backbone
     with torch.device("meta"):
         compact = CompactNet(compact_config(model, plan))

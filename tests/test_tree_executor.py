@@ -1,0 +1,234 @@
+"""Tree executor vs the sequential reference with the same fixed policy (DESIGN.md §3 equivalence contract).
+
+Outputs (train and eval mode), losses and the gradient of every used weight must match; BatchNorm running
+statistics must match for the stem, the projection shortcuts and the blocks every task executes. Blocks
+executed by only some tasks follow the documented rule (updated once per executing task, in task order),
+checked against the reference run with just those tasks; skipped blocks are never computed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import assert_close_verbose
+from fastshare import executors
+from fastshare.losses import task_loss
+from fastshare.model import AdaShareNet
+from fastshare.plan import Plan
+
+F64 = (1e-10, 1e-8)  # (atol, rtol) for float64 outputs and gradients
+F32_OUT, F32_GRAD = (1e-5, 1e-5), (1e-5, 1e-4)
+
+
+def _policy(case: str, k: int, l: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if case == "random":
+        return (torch.rand(k, l, generator=g) < 0.6).float()
+    if case == "identical":
+        return (torch.rand(1, l, generator=g) < 0.6).float().expand(k, l).clone()
+    if case == "all_skip":
+        return torch.zeros(k, l)
+    if case == "all_select":
+        return torch.ones(k, l)
+    if case == "rejoin":  # paths diverge at one block and agree again on every later one
+        p = torch.ones(k, l)
+        p[torch.arange(k), torch.arange(k) % l] = 0
+        return p
+    raise ValueError(case)
+
+
+def _model(backbone: str, k: int, dtype: torch.dtype, seed: int = 0) -> AdaShareNet:
+    torch.manual_seed(seed)
+    tasks = {f"t{i}": (3, 2, 1, 4, 5)[i % 5] for i in range(k)}
+    model = AdaShareNet(backbone, tasks, head_width=16, dropout=0.0).to(dtype)
+    # Non-trivial BN affine parameters and running statistics, so that mistakes in either show up.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _loss(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum((i + 1) * (out.sin() ** 2).mean() for i, out in enumerate(outputs.values()))
+
+
+def _bn_owner(name: str) -> tuple[str, int | None]:
+    """("stem" | "ds" | "block", l) of a backbone BatchNorm's qualified name."""
+    parts = name.split(".")
+    if parts[1] == "bn1":
+        return "stem", None
+    if parts[1] == "ds":
+        return "ds", None
+    return "block", (int(parts[2]), int(parts[3]))
+
+
+def _run_pair(ref, tree, policy, x, train):
+    """One forward + backward of both models in the given mode; returns outputs and losses."""
+    ref.train(train)
+    tree.train(train)
+    ref.zero_grad(set_to_none=True)
+    tree.zero_grad(set_to_none=True)
+    gates = ref.gates("fixed", policy=policy)
+    out_ref = ref(x, gates, executor="sequential")
+    out_tree = tree(x, gates, executor="tree")
+    loss_ref, loss_tree = _loss(out_ref), _loss(out_tree)
+    loss_ref.backward()
+    loss_tree.backward()
+    return out_ref, out_tree, loss_ref, loss_tree
+
+
+def _compare_both_modes(backbone, k, policy, dtype, out_tol, grad_tol, x_size=33, seed=0):
+    """Eval mode first (no running-statistics updates), then a training step."""
+    ref = _model(backbone, k, dtype, seed)
+    tree = copy.deepcopy(ref)
+    x = torch.randn(2, 3, x_size, x_size, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    for train in (False, True):
+        outs = _run_pair(ref, tree, policy, x, train)
+        _check(ref, tree, policy, *outs, out_tol, grad_tol, train)
+
+
+def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, grad_tol, train):
+    for task in out_ref:
+        assert_close_verbose(out_tree[task], out_ref[task], *out_tol, name=f"output {task}")
+    assert_close_verbose(loss_tree, loss_ref, *out_tol, name="loss")
+    n_compared = 0
+    for (name, p_ref), (_, p_tree) in zip(ref.named_parameters(), tree.named_parameters()):
+        if p_tree.grad is None:  # not used by any task: the reference's gradient is exactly zero
+            assert p_ref.grad is None or not p_ref.grad.any(), f"{name}: unused here but has a gradient"
+            continue
+        n_compared += 1
+        scale = p_ref.grad.abs().max().item()
+        atol, rtol = grad_tol
+        assert_close_verbose(p_tree.grad, p_ref.grad, atol * max(scale, 1.0), rtol, name=f"grad {name}")
+    assert n_compared > 0
+    if not train:
+        return
+    bb = tree.backbone
+    everyone = set(range(policy.shape[0]))
+    for (name, m_ref), (_, m_tree) in zip(ref.backbone.named_modules(prefix="backbone"),
+                                          tree.backbone.named_modules(prefix="backbone")):
+        if not isinstance(m_tree, nn.BatchNorm2d):
+            continue
+        owner, where = _bn_owner(name)
+        if owner == "block":
+            l = bb.block_index.index(where)
+            running = {k for k in everyone if policy[k, l] == 1}
+            if running != everyone:
+                assert int(m_tree.num_batches_tracked) == len(running), name
+                continue
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close_verbose(getattr(m_tree, buf), getattr(m_ref, buf), *out_tol, name=f"{name}.{buf}")
+
+
+CASES = [(1, "random"), (2, "random"), (3, "random"), (5, "random"), (3, "identical"), (2, "all_skip"),
+         (3, "all_select"), (3, "rejoin")]
+
+
+@pytest.mark.parametrize("k, case", CASES, ids=[f"K{k}-{c}" for k, c in CASES])
+def test_resnet18_float64(k, case):
+    _compare_both_modes("resnet18", k, _policy(case, k, 8, seed=10 * k), torch.float64, F64, F64)
+
+
+def test_resnet34_float32():
+    _compare_both_modes("resnet34", 3, _policy("random", 3, 16, seed=1), torch.float32, F32_OUT, F32_GRAD,
+                        x_size=65)
+
+
+def test_resnet34_nyu_policy_real_losses():
+    policy = torch.ones(3, 16)
+    policy[0, 6] = 0
+    policy[1, [9, 10, 11]] = 0
+    policy[2, [5, 10, 11]] = 0
+    torch.manual_seed(0)
+    ref = AdaShareNet("resnet34", {"seg": 40, "sn": 3, "depth": 1}, head_width=16, dropout=0.0).double()
+    tree = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 49, 49, generator=g, dtype=torch.float64)
+    targets = {"seg": torch.randint(0, 40, (2, 49, 49), generator=g),
+               "sn": torch.randn(2, 3, 49, 49, generator=g, dtype=torch.float64),
+               "depth": torch.rand(2, 1, 49, 49, generator=g, dtype=torch.float64) + 0.1}
+    gates = ref.gates("fixed", policy=policy)
+    losses = []
+    for model, name in ((ref, "sequential"), (tree, "tree")):
+        out = model(x, gates, executor=name)
+        loss = sum(task_loss(t, out[t], targets[t]) for t in model.tasks)
+        loss.backward()
+        losses.append(loss)
+    assert_close_verbose(losses[1], losses[0], *F64, name="loss")
+    for (name, p_ref), (_, p_tree) in zip(ref.named_parameters(), tree.named_parameters()):
+        if p_tree.grad is not None:
+            assert_close_verbose(p_tree.grad, p_ref.grad, 1e-10, 1e-7, name=name)
+
+
+def test_partial_blocks_follow_the_documented_rule():
+    """A block run by tasks T: its BN is updated once per task of T, in task order, with T's statistics,
+    i.e. exactly as the reference run with only the tasks T."""
+    policy = torch.tensor([[1, 1, 0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1, 0, 1]],
+                          dtype=torch.float32)
+    base = _model("resnet18", 3, torch.float64)
+    tree = copy.deepcopy(base).train()
+    x = torch.randn(2, 3, 33, 33, dtype=torch.float64)
+    tree(x, tree.gates("fixed", policy=policy), executor="tree")
+    for l in range(8):
+        running = [k for k in range(3) if policy[k, l] == 1]
+        if len(running) in (0, 3):
+            continue
+        sub = AdaShareNet("resnet18", {f"t{k}": 1 for k in running}, head_width=16, dropout=0.0).double()
+        sub.backbone.load_state_dict(base.backbone.state_dict())
+        sub.train()(x, sub.gates("fixed", policy=policy[running]), executor="sequential")
+        stage, b = sub.backbone.block_index[l]
+        for bn in ("bn1", "bn2"):
+            got = getattr(tree.backbone.blocks[stage][b], bn)
+            want = getattr(sub.backbone.blocks[stage][b], bn)
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                assert_close_verbose(getattr(got, buf), getattr(want, buf), *F64, name=f"block {l} {bn}.{buf}")
+
+
+def _count_conv_calls(model: AdaShareNet) -> dict[int, int]:
+    calls = {l: 0 for l in range(model.num_blocks)}
+    for l, (stage, b) in enumerate(model.backbone.block_index):
+        def hook(*_, l=l):
+            calls[l] += 1
+        model.backbone.blocks[stage][b].conv1.register_forward_hook(hook)
+    return calls
+
+
+def test_skipped_blocks_are_not_computed_and_siblings_are_batched_in_eval():
+    policy = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1], [1, 0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1, 1, 0]],
+                          dtype=torch.float32)
+    model = _model("resnet18", 3, torch.float64)
+    before = copy.deepcopy(model.backbone.blocks[1][0].state_dict())  # block 2, skipped by every task
+    calls = _count_conv_calls(model)
+    x = torch.randn(2, 3, 33, 33, dtype=torch.float64)
+    gates = model.gates("fixed", policy=policy)
+    model.train()(x, gates, executor="tree")
+    plan = Plan(policy)
+    assert calls == {l: sum(n.execute for n in plan.level(l)) for l in range(8)}
+    assert calls[2] == 0 and calls[3] == 2  # block 3: nodes {0, 2} and {1} run separately in training
+    for key, value in model.backbone.blocks[1][0].state_dict().items():
+        assert torch.equal(value, before[key]), key
+    calls.update({l: 0 for l in calls})
+    with torch.no_grad():
+        model.eval()(x, gates, executor="tree")
+    assert calls == {l: int(any(n.execute for n in plan.level(l))) for l in range(8)}
+
+
+def test_auto_prefers_tree_for_fixed_gates_and_tree_rejects_sampled_gates():
+    model = _model("resnet18", 2, torch.float32)
+    policy = torch.ones(2, 8)
+    assert executors.resolve("auto", model.gates("fixed", policy=policy)) == "tree"
+    x = torch.randn(2, 3, 33, 33)
+    with pytest.raises(ValueError, match="fixed hard policy"):
+        model(x, model.gates("sample", tau=1.0, hard=True), executor="tree")
+    full = model.eval()(x, model.gates("full"), executor="tree")  # forced gates: every block executed
+    fixed = model(x, model.gates("fixed", policy=policy), executor="sequential")
+    for t in full:
+        assert_close_verbose(full[t], fixed[t], *F32_OUT, name=t)

@@ -15,6 +15,7 @@ from fastshare.ops import (
     available_backends,
     gated_residual,
     gumbel_gate,
+    segmented_batch_norm,
     use_backend,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "export",
     "gated_residual",
     "gumbel_gate",
+    "segmented_batch_norm",
     "use_backend",
     "__version__",
 ]

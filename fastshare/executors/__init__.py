@@ -58,3 +58,4 @@ def run(name: str, model, x: torch.Tensor, gates) -> dict[str, torch.Tensor]:
 
 from fastshare.executors import sequential  # noqa: E402,F401  (registers "sequential")
 from fastshare.executors import tree  # noqa: E402,F401  (registers "tree")
+from fastshare.executors import batched  # noqa: E402,F401  (registers "batched")

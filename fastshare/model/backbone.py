@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastshare.model.norm import SegmentedBatchNorm2d
+
 LAYERS = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
@@ -41,10 +43,10 @@ class BasicBlock(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride, dilation)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = SegmentedBatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes, 1, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = SegmentedBatchNorm2d(planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
@@ -59,11 +61,11 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = SegmentedBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = SegmentedBatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = SegmentedBatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         for bn in (self.bn1, self.bn2, self.bn3):
             for p in bn.parameters():
@@ -86,7 +88,7 @@ class DeeplabResNet(nn.Module):
     def __init__(self, block: type[nn.Module], layers: Sequence[int]) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = SegmentedBatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
         self.layer_config = tuple(int(n) for n in layers)
@@ -97,7 +99,7 @@ class DeeplabResNet(nn.Module):
             out = width * block.expansion
             needs_ds = stride != 1 or inplanes != out or dilation in (2, 4)
             ds.append(nn.Sequential(nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False),
-                                    nn.BatchNorm2d(out)) if needs_ds else None)
+                                    SegmentedBatchNorm2d(out)) if needs_ds else None)
             stage = [block(inplanes, width, stride, dilation)]
             stage += [block(out, width, 1, dilation) for _ in range(1, n_blocks)]
             blocks.append(nn.ModuleList(stage))

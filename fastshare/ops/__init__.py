@@ -2,6 +2,7 @@
 
 - :func:`gated_residual`: the fused Gumbel-gated residual (DESIGN.md §2).
 - :func:`gumbel_gate`: the Gumbel-Softmax gate.
+- :func:`segmented_batch_norm`: BatchNorm with statistics per (segment, channel).
 - :func:`use_backend`, :func:`available_backends`: backend choice (see :mod:`fastshare.ops.backends`).
 """
 
@@ -13,6 +14,7 @@ from fastshare.ops.backends import (
     use_backend,
 )
 from fastshare.ops.gated_residual import deterministic_reductions, gated_residual, gumbel_gate
+from fastshare.ops.segmented_bn import segmented_batch_norm
 
 __all__ = [
     "BACKENDS",
@@ -22,5 +24,6 @@ __all__ = [
     "gated_residual",
     "gumbel_gate",
     "last_fallback_reasons",
+    "segmented_batch_norm",
     "use_backend",
 ]

@@ -1,0 +1,128 @@
+"""A fast forward of :class:`~fastshare.model.heads.ASPPHead` from the head's own parameters.
+
+:func:`aspp_head_forward` computes exactly ``head(x)`` (dropout aside: its random masks differ) with the
+same parameters, so state dicts and optimisers are untouched. Where the time goes in the plain module:
+four dilated 3x3 convolutions ``C_in -> W`` (most of the FLOPs), four ``W -> W`` 1x1 convolutions, four
+``W -> classes`` 1x1 convolutions and the sum. The fast path:
+
+1. **Exact tap pruning.** A 3x3 convolution with dilation ``d`` and padding ``d`` reads, for output row
+   ``i``, input rows ``i - d, i, i + d``. If ``d >= h`` the rows ``i +- d`` lie in the zero padding for every
+   ``i`` in ``[0, h)``, so the top and bottom kernel rows only ever multiply zeros; likewise the left and
+   right columns if ``d >= w``. Dropping them is exact: the kernel becomes ``1x3``, ``3x1`` or ``1x1``
+   (centre tap). At output stride 8, a 128x128 image gives 16x16 features, so the ASPP rates 18 and 24
+   become 1x1 convolutions (9x fewer FLOPs in those branches) and their gradients reach only the centre
+   tap, as in the full convolution, whose other taps see only zeros.
+2. **One matmul for all 1x1 branches.** The branches whose first convolution became 1x1 read the same
+   input, so their weights are concatenated into one ``(C_in, n W)`` matrix and applied with one
+   ``addmm`` over the ``N = B h w`` pixel rows (channels_last view, no copy).
+3. **Matmuls instead of 1x1 convolutions.** Each ``W -> W`` convolution is an ``addmm`` on its branch's
+   column block; the ``W -> classes`` convolutions and the branch sum are one chain of ``addmm`` calls
+   accumulating into one ``(N, classes)`` output with the summed bias (``sum_j (H_j W3_j^T + b3_j)``),
+   with no concatenation copy.
+4. ReLU in place on freshly produced matmul outputs; dropout only when active (``p > 0`` in training).
+
+Shapes: ``x (B, C_in, h, w) -> (B, classes, h, w)``, contiguous output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastshare.model.heads import ASPPHead, ClassificationModule
+
+__all__ = ["aspp_head_forward", "pruned_dilated_kernel"]
+
+
+def pruned_dilated_kernel(weight: torch.Tensor, dilation: int, height: int, width: int
+                          ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The exact smaller kernel of a 3x3 convolution with padding = dilation = ``d`` on ``h x w`` inputs.
+
+    Args:
+        weight: ``(C_out, C_in, 3, 3)``.
+        dilation: ``d`` (the convolution's padding too).
+        height, width: input ``h, w`` (stride 1, so also the output size).
+
+    Returns:
+        ``(kernel, padding)``: ``kernel`` is ``weight`` without the rows (if ``d >= h``) and the columns
+        (if ``d >= w``) that only ever meet zero padding, a view of ``weight`` of shape
+        ``(C_out, C_in, 1 or 3, 1 or 3)``; ``padding`` the matching ``(pad_h, pad_w)`` (0 where pruned).
+    """
+    if weight.ndim != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"expected a (C_out, C_in, 3, 3) kernel, got {tuple(weight.shape)}")
+    rows = slice(1, 2) if dilation >= height else slice(0, 3)
+    cols = slice(1, 2) if dilation >= width else slice(0, 3)
+    pad = (0 if dilation >= height else dilation, 0 if dilation >= width else dilation)
+    return weight[:, :, rows, cols], pad
+
+
+def _is_standard_branch(branch: ClassificationModule) -> bool:
+    c1, c2, c3 = branch.conv1, branch.conv2, branch.conv3
+    d = c1.dilation[0]
+    return (c1.kernel_size == (3, 3) and c1.stride == (1, 1) and c1.dilation == (d, d) and c1.padding == (d, d)
+            and c1.groups == 1 and c1.bias is not None and c1.padding_mode == "zeros"
+            and all(c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0) and c.groups == 1
+                    and c.bias is not None for c in (c2, c3)))
+
+
+def _relu_dropout(t: torch.Tensor, dropout: nn.Dropout, training: bool) -> torch.Tensor:
+    # ReLU in place: t is a fresh matmul/conv output that nothing else has saved.
+    t = torch.relu_(t)
+    if training and dropout.p > 0:
+        t = F.dropout(t, dropout.p, True)
+    return t
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w) -> (B h w, C)`` pixel rows (a view for channels_last ``t``)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def aspp_head_forward(head: ASPPHead, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` computed with exact tap pruning and fused matmuls (see the module docstring).
+
+    Args:
+        head: an :class:`ASPPHead` (its parameters are used as they are; nothing is copied).
+        x: ``(B, C_in, h, w)`` features, any layout (made channels_last once).
+
+    Returns:
+        ``(B, classes, h, w)`` contiguous, equal to ``head(x)`` up to float rounding when dropout is
+        inactive. A head whose branches are not the standard ASPP shape runs its own forward.
+    """
+    branches = head.branches()
+    if x.ndim != 4 or not branches or not all(_is_standard_branch(b) for b in branches):
+        return head(x)
+    bsz, _, height, width = x.shape
+    training = head.training
+    xc = x.contiguous(memory_format=torch.channels_last)
+    x_rows = _rows(xc)
+    pruned = [pruned_dilated_kernel(b.conv1.weight, b.conv1.dilation[0], height, width) for b in branches]
+    point = [j for j, (k, _) in enumerate(pruned) if k.shape[2:] == (1, 1)]
+    hidden: list[torch.Tensor | None] = [None] * len(branches)
+    if point:
+        w_cat = torch.cat([pruned[j][0].reshape(pruned[j][0].shape[0], -1) for j in point], dim=0)
+        b_cat = torch.cat([branches[j].conv1.bias for j in point], dim=0)
+        a_cat = _relu_dropout(torch.addmm(b_cat, x_rows, w_cat.t()), branches[point[0]].dropout, training)
+        offset = 0
+        for j in point:
+            n = branches[j].conv1.out_channels
+            hidden[j] = a_cat[:, offset:offset + n]
+            offset += n
+    for j, (kernel, pad) in enumerate(pruned):
+        if hidden[j] is None:
+            conv = branches[j].conv1
+            a = F.conv2d(xc, kernel, conv.bias, 1, pad, conv.dilation)
+            hidden[j] = _relu_dropout(_rows(a), branches[j].dropout, training)
+    out = None
+    for j, branch in enumerate(branches):
+        c2, c3 = branch.conv2, branch.conv3
+        h2 = torch.addmm(c2.bias, hidden[j], c2.weight.reshape(c2.out_channels, -1).t())
+        h2 = _relu_dropout(h2, branch.dropout, training)
+        w3 = c3.weight.reshape(c3.out_channels, -1).t()
+        if out is None:
+            bias = torch.stack([b.conv3.bias for b in branches]).sum(0)
+            out = torch.addmm(bias, h2, w3)
+        else:
+            out = torch.addmm(out, h2, w3)
+    return out.reshape(bsz, height, width, -1).permute(0, 3, 1, 2).contiguous()

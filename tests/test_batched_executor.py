@@ -1,0 +1,284 @@
+"""The batched executor against the sequential reference (DESIGN.md §3, equivalence contract).
+
+Both models start from one ``deepcopy``; each step draws one Gumbel noise tensor that both ``Gates`` use;
+then we compare task outputs, losses, the gradient of every parameter and logit, and every buffer (BN
+running statistics, ``num_batches_tracked``), and take the same SGD step on both. The big grid runs in
+float64 (exact up to summation order, so float32 ReLU flips near 0 cannot make it flaky); a smaller
+float32 set checks the contract's 1e-5 / 1e-4 tolerances, and bf16 autocast is compared with the float32
+reference. Small inputs (33x33 images, B = 2, head width 16) keep the file cheap on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fastshare import executors
+from fastshare.model import AdaShareNet
+from fastshare.model.fast_heads import aspp_head_forward, pruned_dilated_kernel
+from fastshare.model.heads import ASPPHead
+from fastshare.policy import Gates
+
+CLASSES = (3, 2, 1, 4, 2)
+IMAGE = 33
+BATCH = 2
+
+
+def _make_model(backbone: str, k: int, dtype: torch.dtype, seed: int = 0) -> AdaShareNet:
+    torch.manual_seed(seed)
+    tasks = {f"t{i}": CLASSES[i] for i in range(k)}
+    model = AdaShareNet(backbone, tasks, head_width=16, dropout=0.0, init_method="random")
+    # Bias the logits apart so that hard gates differ between tasks and blocks.
+    with torch.no_grad():
+        model.logits.normal_(0.0, 1.0)
+    return model.to(dtype)
+
+
+def _loss(outputs: dict[str, torch.Tensor], model: AdaShareNet) -> torch.Tensor:
+    # Each task gets a different weighting so that a task mix-up cannot cancel out.
+    total = sum((i + 1) * (out.float() if out.dtype == torch.bfloat16 else out).pow(2).mean()
+                for i, out in enumerate(outputs.values()))
+    return total + 0.1 * model.logits.pow(2).sum()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    return float((a.double() - b.double()).abs().max()) / scale
+
+
+def _check(name: str, ref: torch.Tensor, got: torch.Tensor, rtol: float, floor: float = 0.0) -> None:
+    """``max|got - ref| <= rtol * max(max|ref|, floor)``, naming the tensor and the worst index."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert got.dtype == ref.dtype, f"{name}: dtype {got.dtype} != {ref.dtype}"
+    ref, got = ref.detach(), got.detach()
+    scale = max(float(ref.double().abs().max()) if ref.numel() else 0.0, floor, 1e-300)
+    err = _rel_err(ref, got, scale)
+    if err > rtol:
+        worst = int((ref.double() - got.double()).abs().argmax())
+        pytest.fail(f"{name}: relative error {err:.3e} > {rtol:.1e} (scale {scale:.3e}, worst flat index {worst}: "
+                    f"ref {ref.flatten()[worst].item():.6e} got {got.flatten()[worst].item():.6e})")
+
+
+def _gates(model: AdaShareNet, mode: str, stage: int | None, hard: bool, u: torch.Tensor | None,
+           policy: torch.Tensor | None) -> Gates:
+    if mode == "sample":
+        return model.gates("sample", tau=2.0, hard=hard, num_train_layers=stage, u=u)
+    if mode == "fixed":
+        return model.gates("fixed", policy=policy)
+    return model.gates("full")
+
+
+def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample", stage: int | None = None,
+                   hard: bool = False, train: bool = True, steps: int = 1, policy: torch.Tensor | None = None,
+                   out_rtol: float = 1e-10, grad_rtol: float = 1e-9) -> None:
+    """Run ``steps`` optimiser steps on both models and compare everything after each."""
+    ref.train(train)
+    fast.train(train)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt_fast = torch.optim.SGD(fast.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1234)
+    dtype = ref.logits.dtype
+    for step in range(steps):
+        x = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen).to(dtype)
+        u = torch.rand(tuple(ref.logits.shape), generator=gen).clamp_(1e-6, 1 - 1e-6)
+        out_ref = ref(x, _gates(ref, mode, stage, hard, u, policy), executor="sequential")
+        out_fast = fast(x, _gates(fast, mode, stage, hard, u, policy), executor="batched")
+        assert list(out_fast) == list(out_ref)
+        for task in out_ref:
+            _check(f"step {step} output {task}", out_ref[task], out_fast[task], out_rtol)
+        loss_ref, loss_fast = _loss(out_ref, ref), _loss(out_fast, fast)
+        _check(f"step {step} loss", loss_ref.detach(), loss_fast.detach(), out_rtol)
+        opt_ref.zero_grad(set_to_none=True)
+        opt_fast.zero_grad(set_to_none=True)
+        loss_ref.backward()
+        loss_fast.backward()
+        grads_ref = dict(ref.named_parameters())
+        grad_scale = max(float(p.grad.abs().max()) for p in grads_ref.values() if p.grad is not None)
+        for name, p_fast in fast.named_parameters():
+            g_ref = grads_ref[name].grad
+            assert (g_ref is None) == (p_fast.grad is None), f"step {step} {name}: grad presence differs"
+            if g_ref is not None:
+                # Floor: a gradient that is 0 up to rounding in the reference is compared absolutely.
+                _check(f"step {step} grad {name}", g_ref, p_fast.grad, grad_rtol, floor=1e-6 * grad_scale)
+        opt_ref.step()
+        opt_fast.step()
+        bufs_ref = dict(ref.named_buffers())
+        for name, b_fast in fast.named_buffers():
+            if b_fast.dtype == torch.int64:
+                assert int(b_fast) == int(bufs_ref[name]), f"step {step} {name}: {int(b_fast)} != " \
+                                                           f"{int(bufs_ref[name])}"
+            else:
+                # Floor: running means that are 0 up to rounding are compared absolutely.
+                _check(f"step {step} buffer {name}", bufs_ref[name], b_fast, out_rtol, floor=1e-4)
+
+
+def _pair(backbone: str, k: int, dtype: torch.dtype) -> tuple[AdaShareNet, AdaShareNet]:
+    ref = _make_model(backbone, k, dtype)
+    return ref, copy.deepcopy(ref)
+
+
+# ----------------------------------------------------------------------------------------------------
+# float64 grid: K x backbone x curriculum stage x soft/hard x train/eval.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("backbone,n_blocks", [("resnet18", 8), ("resnet34", 16)])
+@pytest.mark.parametrize("stage_of", ["1", "L/2", "L"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_sampled_gates_float64_train(k, backbone, n_blocks, stage_of, hard):
+    stage = {"1": 1, "L/2": n_blocks // 2, "L": n_blocks}[stage_of]
+    ref, fast = _pair(backbone, k, torch.float64)
+    _compare_steps(ref, fast, stage=stage, hard=hard, train=True, steps=1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_sampled_gates_float64_train_quick(k, hard):
+    """The not-slow slice of the grid above: ResNet-18, curriculum stage L/2."""
+    ref, fast = _pair("resnet18", k, torch.float64)
+    _compare_steps(ref, fast, stage=4, hard=hard, train=True, steps=1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("backbone,n_blocks", [("resnet18", 8), ("resnet34", 16)])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_sampled_gates_float64_eval(k, backbone, n_blocks, hard):
+    ref, fast = _pair(backbone, k, torch.float64)
+    _compare_steps(ref, fast, stage=n_blocks // 2, hard=hard, train=False, steps=1)
+
+
+@pytest.mark.parametrize("backbone,stage", [("resnet18", 1), ("resnet18", 4), ("resnet34", 16)])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_three_steps_float64(backbone, stage, hard):
+    ref, fast = _pair(backbone, 3, torch.float64)
+    _compare_steps(ref, fast, stage=stage, hard=hard, train=True, steps=3)
+
+
+def _policies(k: int, n_blocks: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    mixed = torch.randint(0, 2, (k, n_blocks), generator=gen).float()
+    agree_then_differ = mixed.clone()
+    agree_then_differ[:, : n_blocks // 2] = 1.0
+    agree_then_differ[:, 1] = 0.0  # an all-skip block inside the shared prefix
+    return {"all_skip": torch.zeros(k, n_blocks), "all_select": torch.ones(k, n_blocks), "mixed": mixed,
+            "agree_then_differ": agree_then_differ}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("which", ["all_skip", "all_select", "mixed", "agree_then_differ"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fixed_policies_float64(k, which, train):
+    ref, fast = _pair("resnet18", k, torch.float64)
+    _compare_steps(ref, fast, mode="fixed", policy=_policies(k, 8)[which], train=train, steps=2 if train else 1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_full_gates_float64(k):
+    ref, fast = _pair("resnet18", k, torch.float64)
+    _compare_steps(ref, fast, mode="full", train=True, steps=3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# float32: the contract's tolerances.
+
+@pytest.mark.parametrize("stage", [1, 8])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_sampled_gates_float32(stage, hard, k):
+    ref, fast = _pair("resnet18", k, torch.float32)
+    # One step: after it the two float32 models differ by rounding, and a later max-pool near-tie or ReLU
+    # flip can route a gradient differently (the float64 tests check three steps).
+    _compare_steps(ref, fast, stage=stage, hard=hard, train=True, steps=1, out_rtol=1e-5, grad_rtol=1e-4)
+
+
+def test_fixed_policy_float32():
+    ref, fast = _pair("resnet18", 3, torch.float32)
+    _compare_steps(ref, fast, mode="fixed", policy=_policies(3, 8)["agree_then_differ"], train=True, steps=1,
+                   out_rtol=1e-5, grad_rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bf16 autocast against the float32 reference.
+
+@pytest.mark.parametrize("stage", [1, 8])
+def test_bf16_autocast_close_to_float32_reference(stage):
+    ref, fast = _pair("resnet18", 3, torch.float32)
+    x = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    u = torch.rand(tuple(ref.logits.shape), generator=torch.Generator().manual_seed(4)).clamp_(1e-6, 1 - 1e-6)
+    out_ref = ref(x, ref.gates("sample", tau=2.0, hard=False, num_train_layers=stage, u=u), executor="sequential")
+    _loss(out_ref, ref).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_fast = fast(x, fast.gates("sample", tau=2.0, hard=False, num_train_layers=stage, u=u),
+                        executor="batched")
+        loss = _loss(out_fast, fast)
+    loss.backward()
+    for task in out_ref:
+        assert out_fast[task].dtype == torch.bfloat16
+        _check(f"bf16 output {task}", out_ref[task], out_fast[task].float(), 5e-2)
+    _check("bf16 logit grad", ref.logits.grad, fast.logits.grad, 1e-1)
+    assert torch.isfinite(fast.backbone.blocks[0][0].conv1.weight.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Selection, heads and inputs.
+
+def test_batched_is_the_default_for_sampled_gates():
+    model = _make_model("resnet18", 2, torch.float32)
+    assert model.executor == "auto"
+    gates = model.gates("sample", tau=5.0, hard=False, num_train_layers=2)
+    assert executors.resolve("auto", gates) == "batched"
+    assert executors.resolve("auto", model.gates("full")) == "batched"
+    explicit = AdaShareNet("resnet18", {"a": 2}, head_width=16, executor="batched")
+    assert explicit.executor == "batched"
+
+
+def test_dropout_runs_in_training():
+    torch.manual_seed(0)
+    model = AdaShareNet("resnet18", {"a": 2, "b": 3}, head_width=16, dropout=0.5).train()
+    x = torch.randn(BATCH, 3, IMAGE, IMAGE)
+    out = model(x, model.gates("sample", tau=5.0, hard=True, num_train_layers=4), executor="batched")
+    _loss(out, model).backward()
+    assert model.logits.grad is not None and torch.isfinite(model.logits.grad).all()
+
+
+@pytest.mark.parametrize("size", [(5, 5), (8, 20), (14, 14), (16, 16), (30, 7)])
+def test_fast_aspp_head_matches_module(size):
+    torch.manual_seed(0)
+    head = ASPPHead(24, 5, width=12, dropout=0.0).double()
+    x = torch.randn(2, 24, *size, dtype=torch.float64, requires_grad=True)
+    ref = head(x)
+    got = aspp_head_forward(head, x)
+    assert got.is_contiguous()
+    _check("head output", ref, got, 1e-12)
+    grad = torch.randn_like(ref)
+    params = [x] + list(head.parameters())
+    g_ref = torch.autograd.grad(ref, params, grad)
+    g_got = torch.autograd.grad(got, params, grad)
+    for (name, _), a, b in zip([("x", None)] + list(head.named_parameters()), g_ref, g_got):
+        _check(f"head grad {name}", a, b, 1e-11)
+
+
+def test_pruned_dilated_kernel_shapes():
+    w = torch.randn(4, 3, 3, 3)
+    assert pruned_dilated_kernel(w, 6, 5, 5)[0].shape == (4, 3, 1, 1)
+    k, pad = pruned_dilated_kernel(w, 12, 8, 20)
+    assert k.shape == (4, 3, 1, 3) and pad == (0, 12)
+    k, pad = pruned_dilated_kernel(w, 6, 16, 16)
+    assert k.shape == (4, 3, 3, 3) and pad == (6, 6)
+    with pytest.raises(ValueError, match="3, 3"):
+        pruned_dilated_kernel(torch.randn(4, 3, 1, 1), 6, 5, 5)
+
+
+def test_channels_last_input_and_state_dict_unchanged():
+    ref, fast = _pair("resnet18", 2, torch.float64)
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    x = torch.randn(BATCH, 3, IMAGE, IMAGE, dtype=torch.float64)
+    u = torch.rand(tuple(ref.logits.shape)).clamp_(1e-6, 1 - 1e-6)
+    ref.eval()
+    fast.eval()
+    out_ref = ref(x, ref.gates("sample", tau=1.0, hard=True, u=u), executor="sequential")
+    out_fast = fast(x.contiguous(memory_format=torch.channels_last),
+                    fast.gates("sample", tau=1.0, hard=True, u=u), executor="batched")
+    for task in out_ref:
+        _check(task, out_ref[task], out_fast[task], 1e-10)

@@ -1,0 +1,56 @@
+"""The one-step profiler."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastshare.model import AdaShareNet
+from fastshare.profile import StepProfile, _main, profile_policy_step, profile_step
+
+
+def test_counts_a_linear_layer_exactly():
+    lin = nn.Linear(8, 4, bias=False)
+    x = torch.randn(3, 8, requires_grad=False)
+
+    def step():
+        torch.relu(lin(x)).sum().backward()
+
+    prof = profile_step(step, params=lin.parameters(), timed_runs=2)
+    assert isinstance(prof, StepProfile)
+    # forward 2*3*8*4, backward: grad of the weight only (x needs no grad).
+    assert prof.flops == 2 * 3 * 8 * 4 * 2
+    # Saved: x (by mm, for the weight grad) and relu's output; the weight itself is a parameter.
+    assert prof.saved_bytes == x.numel() * 4 + 3 * 4 * 4
+    assert prof.aten_ops > 0 and any("mm" in k for k in prof.op_counts)
+    assert prof.peak_memory_bytes is None and prof.wall_s is not None and prof.wall_s > 0
+    assert "GFLOP" in prof.summary()
+
+
+def test_shared_storage_counted_once():
+    w = torch.randn(16, requires_grad=True)
+
+    def step():
+        base = w * 2
+        (base[:8] * base[8:]).sum().backward()  # two views of one storage saved by one mul
+
+    prof = profile_step(step, params=[w])
+    assert prof.saved_bytes == 16 * 4
+    assert prof.saved_tensors >= 2
+
+
+def test_batched_step_saves_less_and_dispatches_fewer_ops_than_sequential():
+    torch.manual_seed(0)
+    model = AdaShareNet("resnet18", {"a": 3, "b": 2, "c": 1}, head_width=16, dropout=0.0)
+    x = torch.randn(2, 3, 33, 33)
+    seq = profile_policy_step(model, x, stage=1, executor="sequential")
+    bat = profile_policy_step(model, x, stage=1, executor="batched")
+    assert bat.flops < seq.flops
+    assert bat.saved_bytes < seq.saved_bytes
+    assert bat.aten_ops < seq.aten_ops
+
+
+def test_cli_prints_summary(capsys):
+    _main(["--backbone", "resnet18", "--image", "33", "--batch", "2", "--head-width", "16", "--stage", "2"])
+    out = capsys.readouterr().out
+    assert "FLOPs" in out and "ATen ops" in out

@@ -50,7 +50,9 @@ def get_extensions():
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     debug = bool(_env_flag("FASTSHARE_DEBUG"))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++17"]
+    # No -std flag: torch's BuildExtension picks the standard its headers need (C++17 up to torch 2.12,
+    # C++20 from 2.13), and a fixed one breaks the other.
+    cxx_flags = list(opt)
     cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     cpu_sources.append("csrc/extension.cpp")
 
@@ -75,7 +77,7 @@ def get_extensions():
         gencode += [f"-gencode=arch=compute_{num},code=sm_{num}"]
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     cuda_sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
-    nvcc_flags = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"] + gencode
+    nvcc_flags = opt + ["--use_fast_math", "-lineinfo"] + gencode
     return [CUDAExtension(
         "fastshare._C", cpu_sources + cuda_sources,
         define_macros=[("FASTSHARE_WITH_CUDA", "1")],

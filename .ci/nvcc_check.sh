@@ -23,6 +23,15 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 "$NVCC" --version | tail -n 1
 
+# Kernel names as "name<template args>" where c++filt is available, mangled otherwise.
+demangle() {
+  if command -v c++filt >/dev/null; then
+    c++filt | sed -E 's/void ([a-z_]+::)*(\(anonymous namespace\)::)?//; s/>\(.*\)$/>/'
+  else
+    cat
+  fi
+}
+
 status=0
 for src in "${SOURCES[@]}"; do
   for arch in 80 90; do
@@ -43,7 +52,7 @@ for src in "${SOURCES[@]}"; do
         for (i = 1; i <= NF; i++) if ($i == "Used") regs = $(i+1)
         printf "%-6s %-8s regs %3d  spill stores %4d  spill loads %4d  %s\n", arch, (st + ld > 0 ? "SPILL" : "ok"), regs, st, ld, kernel
         st = 0; ld = 0
-      }' "$log" | tee -a "$WORK/summary"
+      }' "$log" | demangle | tee -a "$WORK/summary"
     if grep -Eq '[1-9][0-9]* bytes spill (stores|loads)' "$log"; then
       echo "FAIL: $src (sm_$arch) spills registers"
       status=1

@@ -26,8 +26,8 @@
 #include "../gated_residual_common.h"
 
 // Inner loops are built for AVX-512, AVX2 and the baseline ISA and picked at load time (GCC/Clang function
-// multiversioning), since torch extensions compile for the baseline x86-64 ISA. The sources are compiled
-// with -std=c++17 (no implicit FMA contraction), so every clone rounds identically.
+// multiversioning), since torch extensions compile for the baseline x86-64 ISA. setup.py compiles with
+// -std=c++17, under which GCC contracts no a * b + c into an FMA, so every clone rounds identically.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTSHARE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

@@ -8,9 +8,9 @@
 //             dg0[s] = sum_s d * relu(r + f);  dg1[s] = sum_s d * r
 //             dalpha[s] = (dg - <y, dg>) * y / tau   (soft y in both modes)
 //
-// Work decomposition. A tile is kThreads x VEC x UNROLL consecutive elements; thread t of a block handles
-// the VEC-element vectors t, t + kThreads, ... of the tile (coalesced 16-byte accesses, UNROLL independent
-// vectors per tensor in flight). Each block first builds, in shared memory, the element offset of every
+// Work decomposition. A tile is kThreads x VEC x kUnroll consecutive elements; thread t of a block handles
+// the VEC-element vectors t, t + kThreads, ... of the tile (coalesced 16-byte accesses, kUnroll independent
+// vectors per tensor in flight; VEC = 1 where a pointer is not 16-byte aligned). Each block first builds, in shared memory, the element offset of every
 // segment (seg[s] * row_len: no per-element division) and every segment's gate, computed in double from
 // alpha, u and tau (double log/exp keep full accuracy under --use_fast_math). A vector inside one segment
 // uses one gate; a vector straddling a segment boundary looks the gate up per element.
@@ -18,7 +18,8 @@
 //   backward: each block owns one contiguous span of tiles, so it meets few segment boundaries; per-thread
 //             partial sums of dg stay in registers and are block-reduced (fixed-order tree) into a
 //             per-segment shared sum only when the block crosses into another segment. The last block to
-//             finish (atomic ticket counter) reduces the blocks' sums and writes dalpha: one launch.
+//             finish (atomic ticket counter, zeroed by the caller) reduces the blocks' sums and writes
+//             dalpha: the whole backward is one launch.
 //             deterministic: per-block sums are stored and summed in block order, in double.
 //             fast:          per-block sums are added with float atomics (order varies between runs).
 // seg is read only on the device (no host sync; graph-capturable); offsets are clamped to [0, numel], so

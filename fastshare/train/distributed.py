@@ -91,9 +91,17 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, *, find_unused_paramete
         if ctx.device.type != "cuda":
             raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["logits"])
     broadcast_logits(model, ctx)
-    return DistributedDataParallel(model, device_ids=None, find_unused_parameters=find_unused_parameters)
+    # DDP's reducer covers the parameters that require a gradient when it is built: leave the logits out
+    # by switching their flag off while wrapping. (Naming them in DDP's "params to ignore" instead made
+    # the reducer skip every gradient on torch 2.13/gloo.)
+    was = model.logits.requires_grad
+    model.logits.requires_grad_(False)
+    try:
+        wrapped = DistributedDataParallel(model, device_ids=None, find_unused_parameters=find_unused_parameters)
+    finally:
+        model.logits.requires_grad_(was)
+    return wrapped
 
 
 def barrier(ctx: DistContext) -> None:

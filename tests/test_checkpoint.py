@@ -1,0 +1,128 @@
+"""Checkpoints: atomic writes, clear errors for damaged files, bitwise resume, AdaShare import."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastshare.config import load_config
+from fastshare.model import AdaShareNet
+from fastshare.train import CheckpointError, RunOptions, Trainer, atomic_save, import_adashare, load_checkpoint
+from fastshare.train.checkpoint import load_adashare_checkpoint
+
+
+def tiny_config(tmp_path, **train):
+    base = {"batch_size": 2, "total_iters": 6, "warm_up_iters": 2, "weight_iter_alternate": 1,
+            "alpha_iter_alternate": 1, "val_freq": 100, "print_freq": 1, "retrain_total_iters": 2,
+            "decay_lr_freq": 3}
+    base.update(train)
+    return load_config({"exp_name": "t", "tasks": ["seg", "depth"], "tasks_num_class": [4, 1], "lambdas": [1.0, 1.0],
+                        "is_curriculum": True, "curriculum_speed": 1,
+                        "paths": {"log_dir": str(tmp_path / "logs"), "checkpoint_dir": str(tmp_path / "ck"),
+                                  "result_dir": str(tmp_path / "res")},
+                        "dataload": {"crop_h": 33, "crop_w": 33}, "train": base})
+
+
+OPTS = dict(head_width=8, dropout=0.1, num_train=12, num_test=2, num_samples=1, eval_batches=1, progress=False)
+
+
+def test_atomic_save_replaces_and_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "a" / "x.pth"
+    atomic_save({"v": torch.ones(2)}, path)
+    atomic_save({"v": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path)["v"], torch.zeros(2))
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"v": Boom()}, path)
+    assert torch.equal(torch.load(path)["v"], torch.zeros(2))  # old file intact
+    assert sorted(os.listdir(path.parent)) == ["x.pth"]  # no temporary file left
+
+
+def test_corrupt_truncated_and_foreign_files_name_the_file(tmp_path):
+    good = tmp_path / "good.pth"
+    atomic_save({"format": "fastshare-checkpoint", "version": 1, "model": {}, "trainer": {}}, good)
+    data = good.read_bytes()
+    bad = tmp_path / "trunc.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pth.*(corrupt|truncated)"):
+        load_checkpoint(bad)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pth"):
+        load_checkpoint(empty)
+    with pytest.raises(CheckpointError, match="missing.pth: no such file"):
+        load_checkpoint(tmp_path / "missing.pth")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"mtl-net": {}}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.pth: not a fastshare checkpoint.*AdaShare"):
+        load_checkpoint(foreign)
+
+
+def _params(trainer):
+    return {k: v.clone() for k, v in trainer.net.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop", [3, 7])  # 3: inside policy learning; 7: inside re-training
+def test_resume_is_bitwise_identical(tmp_path, stop):
+    torch.set_num_threads(1)
+    ref = Trainer(tiny_config(tmp_path / "ref"), RunOptions(**OPTS))
+    ref.run()
+    cfg = tiny_config(tmp_path / "int")
+    first = Trainer(cfg, RunOptions(**OPTS))
+    assert first.run(stop_after=stop) == {"interrupted": True}
+    latest = tmp_path / "int" / "ck" / "t" / "latest.pth"
+    second = Trainer(cfg, RunOptions(**OPTS))
+    second.load(latest)
+    second.run()
+    a, b = _params(ref), _params(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert ref.state.policies == second.state.policies
+    assert ref.state.results == second.state.results
+
+
+def _adashare_state(model: AdaShareNet) -> dict:
+    """A state dict with AdaShare's MTL2 names, built from a fastshare model's tensors."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone."):
+            sd[k] = v.clone()
+        elif k.startswith("heads."):
+            _, task, rest = k.split(".", 2)
+            sd[f"task{model.tasks.index(task) + 1}_{rest}"] = v.clone()
+    for i in range(model.num_tasks):
+        sd[f"task{i + 1}_logits"] = torch.randn(model.logits.shape[1], 2)
+    return sd
+
+
+def test_adashare_import(tmp_path):
+    torch.manual_seed(0)
+    src = AdaShareNet("resnet18", {"seg": 4, "sn": 3}, head_width=8)
+    ada = _adashare_state(src)
+    renamed = import_adashare({"mtl-net": ada, "iter": 10}, src.tasks)
+    assert renamed["logits"].shape == (2, 8, 2)
+    assert torch.equal(renamed["logits"][1], ada["task2_logits"])
+    assert torch.equal(renamed["heads.sn.fc1_c3.conv2.weight"], ada["task2_fc1_c3.conv2.weight"])
+
+    path = tmp_path / "best_model.pth.tar"
+    torch.save({"mtl-net": ada, "weights": {}, "alphas": {}, "iter": 10, "temp": 2.5}, path)
+    dst = AdaShareNet("resnet18", {"seg": 4, "sn": 3}, head_width=8)
+    info = load_adashare_checkpoint(path, dst)
+    assert info == {"iter": 10, "temp": 2.5}
+    for k, v in src.state_dict().items():
+        if k != "logits":
+            assert torch.equal(dst.state_dict()[k], v), k
+    assert torch.equal(dst.logits[0], ada["task1_logits"])
+
+    wrong = AdaShareNet("resnet18", {"seg": 4, "sn": 3}, head_width=16)
+    with pytest.raises(CheckpointError, match="best_model.pth.tar: shape mismatch.*heads.seg"):
+        load_adashare_checkpoint(path, wrong)
+    with pytest.raises(ValueError, match=r"tasks \[1, 2, 3\]; expected task1..task2"):
+        import_adashare({**ada, "task3_logits": torch.zeros(8, 2)}, src.tasks)

@@ -1,0 +1,57 @@
+"""The ``fastshare`` command line, run as a subprocess (``python -m fastshare``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fastshare(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fastshare", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=900)
+
+
+def test_info():
+    r = fastshare("info")
+    assert r.returncode == 0, r.stderr
+    assert "torch" in r.stdout and "backends on cpu" in r.stdout and "reference" in r.stdout
+
+
+def test_bad_config_key_names_the_key(tmp_path):
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text("train:\n  batch_sise: 2\n")
+    r = fastshare("train", "--config", str(cfg))
+    assert r.returncode == 2
+    assert "train.batch_sise" in r.stderr and "batch_size" in r.stderr
+
+
+def test_missing_checkpoint_is_reported(tmp_path):
+    r = fastshare("policy", "show", "--checkpoint", str(tmp_path / "nope.pth"))
+    assert r.returncode == 2 and "nope.pth: no such file" in r.stderr
+
+
+def test_demo_quick_then_policy_show(tmp_path):
+    r = fastshare("demo", "--quick", "--no-progress", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "learned policy" in r.stdout and "tasks take different paths:" in r.stdout
+    assert "speed-up" in r.stdout
+    ckpt = tmp_path / "checkpoints" / "demo" / "latest.pth"
+    assert ckpt.exists()
+    assert (tmp_path / "logs" / "demo" / "log.jsonl").exists()
+    png = tmp_path / "policy.png"
+    r = fastshare("policy", "show", "--checkpoint", str(ckpt), "--out", str(png))
+    assert "seg" in r.stdout
+    if importlib.util.find_spec("matplotlib") is None:
+        assert r.returncode == 2 and "matplotlib" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

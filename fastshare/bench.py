@@ -544,6 +544,8 @@ class CaseResult:
     bytes: int | None = None
     flops: float | None = None
     saved_bytes: int | None = None
+    saved_param_bytes: int | None = None
+    aten_ops: int | None = None
     peak_bytes: int | None = None
     prepass: dict[str, float] | None = None
     gbps: float | None = None
@@ -840,57 +842,16 @@ def run_op_cases(cfg: SuiteConfig, device: torch.device, copy_bw: float, selecte
 
 # ---- gated block --------------------------------------------------------------------------------
 
-def count_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of one call of ``fn`` (convolutions and matmuls, forward and backward), with the formulas of
-    ``torch.utils.flop_counter``.
+def _profile(res: CaseResult, fn: Callable[[], object], params: Sequence[torch.Tensor],
+             device: torch.device) -> None:
+    """Fill ``res``'s FLOPs, saved-for-backward bytes and (CUDA) peak memory from one instrumented run of
+    ``fn`` under :func:`fastshare.profile.profile_step` (the step profiler)."""
+    from fastshare.profile import profile_step
 
-    A plain dispatch mode rather than ``FlopCounterMode``: the latter's module tracker installs autograd
-    hooks that ``torch.autograd.grad`` (used by the timed steps) rejects.
-    """
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class _Count(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            formula = flop_registry.get(func._overloadpacket)
-            if formula is not None:
-                self.total += formula(*args, **kwargs, out_val=out)
-            return out
-
-    with _Count() as counter:
-        fn()
-    return float(counter.total)
-
-
-def saved_tensor_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of the distinct storages autograd saves for backward during ``fn()`` (inputs and weights
-    included once each)."""
-    seen: dict[tuple[torch.device, int], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        seen[(t.device, st.data_ptr())] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Peak CUDA memory allocated during ``fn()`` above what was allocated before; None on the CPU."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    prof = profile_step(fn, params=params, device=device)
+    res.flops = float(prof.flops)
+    res.saved_bytes, res.saved_param_bytes = prof.saved_bytes, prof.saved_param_bytes
+    res.aten_ops, res.peak_bytes = prof.aten_ops, prof.peak_memory_bytes
 
 
 def _block_variants(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -932,8 +893,17 @@ def block_forward(block: torch.nn.Module, variant: str, k: int, tau: float, hard
     return batched
 
 
-def _grads(out: torch.Tensor, leaves: Sequence[torch.Tensor], grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad, allow_unused=True)
+def _backward(out: torch.Tensor, leaves: Sequence[torch.Tensor], grad: torch.Tensor | None = None
+              ) -> list[torch.Tensor | None]:
+    """``out.backward(grad)`` into freshly cleared ``.grad`` of ``leaves``; returns those gradients.
+
+    ``backward()`` rather than ``torch.autograd.grad``: the step profiler's FLOP counter installs module
+    hooks that ``autograd.grad`` rejects, and timed and profiled runs should do the same work.
+    """
+    for t in leaves:
+        t.grad = None
+    out.backward(grad)
+    return [t.grad for t in leaves]
 
 
 def run_block_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates",
@@ -968,7 +938,7 @@ def run_block_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates
                 xl = x.detach().to(dt).requires_grad_(True)
                 al = alpha.detach().to(torch.float64 if dt == torch.float64 else alpha.dtype).requires_grad_(True)
                 out = fn(xl, al, u)
-                return [out.detach(), *_grads(out, [xl, al, *blk.parameters()], grad.to(dt))]
+                return [out.detach(), *_backward(out, [xl, al, *blk.parameters()], grad.to(dt))]
 
             oracle = outputs_and_grads(block_forward(block64, "sequential", k, cfg.tau, cfg.hard), block64,
                                        torch.float64)
@@ -994,7 +964,7 @@ def run_block_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates
                             with torch.no_grad():
                                 return fns[v](x, alpha, u)
                         xl, al = x.detach().requires_grad_(True), alpha.detach().requires_grad_(True)
-                        return _grads(fns[v](xl, al, u), [xl, al, *params_list], grad)
+                        return _backward(fns[v](xl, al, u), [xl, al, *params_list], grad)
                     return run
 
                 items = {v: Timed(call(v)) for (v, q) in wanted if q == p and v not in failed}
@@ -1009,11 +979,7 @@ def run_block_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates
                         results.append(res)
                         continue
                     run = items[v].run
-                    res.flops = count_flops(lambda: run(None))
-                    if p == "fwd+bwd":
-                        xl, al = x.detach().requires_grad_(True), alpha.detach().requires_grad_(True)
-                        res.saved_bytes = saved_tensor_bytes(lambda: fns[v](xl, al, u))
-                    res.peak_bytes = peak_bytes(lambda: run(None), device)
+                    _profile(res, lambda: run(None), params_list, device)
                     res.timing = stats[v]
                     res.tflops = res.flops / (res.timing.median_ms * 1e-3) / 1e12
                     res.pct_matmul = 100.0 * res.tflops / mm_rate if mm_rate else None
@@ -1090,8 +1056,7 @@ def _step_call(model: torch.nn.Module, x: torch.Tensor, gates: Any, step: str, v
             return list(_step_forward(model, x, gates, variant).values())
     outs = _step_forward(model, x, gates, variant)
     loss = sum(o.square().mean() for o in outs.values())
-    params = [p for p in model.parameters() if p.requires_grad]
-    return list(torch.autograd.grad(loss, params, allow_unused=True))
+    return _backward(loss, [p for p in model.parameters() if p.requires_grad])
 
 
 def run_step_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates",
@@ -1112,9 +1077,6 @@ def run_step_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates"
         _log(f"[bench] {group}: {', '.join(wanted)}")
         model, x, gates = _step_setup(cfg, step, device, torch.float32)
         names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-
-        def forward(v: str) -> dict[str, torch.Tensor]:
-            return _step_forward(model, x, gates, v)
 
         def make_run(v: str) -> Callable[[Any], object]:
             def run(_: Any) -> object:
@@ -1151,10 +1113,7 @@ def run_step_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates"
                 results.append(res)
                 continue
             run = items[v].run
-            res.flops = count_flops(lambda: run(None))
-            if step != "inference":
-                res.saved_bytes = saved_tensor_bytes(lambda: forward(v))
-            res.peak_bytes = peak_bytes(lambda: run(None), device)
+            _profile(res, lambda: run(None), params, device)
             res.timing = stats[v]
             res.tflops = res.flops / (res.timing.median_ms * 1e-3) / 1e12
             mm_rate = matmul.get("fp32")

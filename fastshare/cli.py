@@ -42,9 +42,9 @@ DEMO_CONFIG: dict[str, Any] = {
     "is_curriculum": False,
     "diff_sparsity_weights": True,
     "dataload": {"dataset": "Synthetic", "crop_h": 64, "crop_w": 64},
-    "train": {"batch_size": 4, "total_iters": 60, "warm_up_iters": 20, "retrain_total_iters": 20,
+    "train": {"batch_size": 4, "total_iters": 40, "warm_up_iters": 12, "retrain_total_iters": 12,
               "weight_iter_alternate": 4, "alpha_iter_alternate": 4, "lr": 0.001, "backbone_lr": 0.001,
-              "policy_lr": 0.1, "reg_w": 0.5, "val_freq": 10, "print_freq": 5, "decay_lr_freq": 1000,
+              "policy_lr": 0.1, "reg_w": 0.05, "val_freq": 10, "print_freq": 5, "decay_lr_freq": 1000,
               "init_temp": 5.0, "decay_temp": 0.965, "init_method": "equal", "hard_sampling": True},
 }
 DEMO_QUICK = {"train": {"batch_size": 2, "total_iters": 8, "warm_up_iters": 2, "retrain_total_iters": 2,
@@ -135,7 +135,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                                        "result_dir": str(out / "results")}})
     cfg = load_config(raw)
     opts = RunOptions(head_width=8 if args.quick else 32, dropout=0.0, num_samples=1,
-                      num_train=24 if args.quick else 160, num_test=4 if args.quick else 32,
+                      num_train=24 if args.quick else 96, num_test=4 if args.quick else 32,
                       eval_batches=2 if args.quick else None, progress=not args.no_progress)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, opts)

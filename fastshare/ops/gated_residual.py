@@ -145,6 +145,13 @@ _gumbel_gate_op.register_autograd(_gumbel_gate_backward, setup_context=_gumbel_g
 # ----------------------------------------------------------------------------------------------------
 # Functional API.
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(explicit: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    # A constant for torch.compile: dynamo runs this eagerly instead of tracing the availability probes
+    # (importlib, extension import, environment), which some torch versions refuse to trace.
+    return backends.resolve(backends.requested_backend(explicit), device, dtype, "gated_residual_fwd")
+
+
 def _dense_rows(t: torch.Tensor) -> bool:
     """Dense memory with dim 0 outermost: contiguous, or channels_last for 4-D tensors."""
     if t.is_contiguous():
@@ -182,7 +189,7 @@ def gated_residual(f: torch.Tensor, r: torch.Tensor, alpha: torch.Tensor, u: tor
     seg = seg.to(f.device, non_blocking=True)
     alpha_k = alpha if alpha.dtype in (torch.float32, torch.float64) else alpha.float()
     u_k = u.to(alpha_k.dtype)
-    name = backends.resolve(backends.requested_backend(backend), f.device, f.dtype, "gated_residual_fwd")
+    name = _resolve_backend(backend, f.device, f.dtype)
     out = _gated_residual_op(f, r, alpha_k, u_k, float(tau), bool(hard), seg, name)
     return out
 

@@ -499,7 +499,17 @@ def op_forward(backend: str, tau: float, hard: bool, compile_dynamic: bool = Fal
         def ref(f, r, alpha, u, seg):
             return reference.gated_residual_ref(f, r, alpha, u, tau, hard, seg)
 
-        return torch.compile(ref, dynamic=compile_dynamic) if backend == "compile" else ref
+        if backend == "reference":
+            return ref
+        compiled = torch.compile(ref, dynamic=compile_dynamic)
+
+        def run_compiled(f, r, alpha, u, seg):
+            # Every case compiles the same code object (``ref``): lift dynamo's per-code recompile limit so
+            # that no case silently falls back to eager.
+            with torch._dynamo.config.patch(recompile_limit=256):
+                return compiled(f, r, alpha, u, seg)
+
+        return run_compiled
     from fastshare.ops import gated_residual
 
     def fast(f, r, alpha, u, seg):
@@ -852,6 +862,13 @@ def _profile(res: CaseResult, fn: Callable[[], object], params: Sequence[torch.T
     res.flops = float(prof.flops)
     res.saved_bytes, res.saved_param_bytes = prof.saved_bytes, prof.saved_param_bytes
     res.aten_ops, res.peak_bytes = prof.aten_ops, prof.peak_memory_bytes
+
+
+def count_step_flops(fn: Callable[[], object], params: Sequence[torch.Tensor], device: torch.device) -> float:
+    """FLOPs of one call of ``fn`` (convolutions and matmuls, forward and backward), from the step profiler."""
+    from fastshare.profile import profile_step
+
+    return float(profile_step(fn, params=params, device=device).flops)
 
 
 def _block_variants(device: torch.device, dtype: torch.dtype) -> list[str]:

@@ -1157,13 +1157,14 @@ class MatmulRates:
         return self.measured[dname]
 
 
-def run_suite(cfg: SuiteConfig, filter_: str | None = None) -> tuple[dict[str, Any], list[CaseResult],
-                                                                     dict[str, str]]:
-    """Run every selected case; returns (reference rates, results, skipped backends)."""
+def run_suite(cfg: SuiteConfig, filters: Sequence[str] | None = None) -> tuple[dict[str, Any], list[CaseResult],
+                                                                          dict[str, str]]:
+    """Run every case whose name contains one of ``filters`` (all when None); returns (reference rates,
+    results, skipped backends)."""
     device = torch.device(cfg.device)
 
     def selected(name: str) -> bool:
-        return filter_ is None or filter_ in name
+        return not filters or any(f in name for f in filters)
 
     copy_bw = measure_copy_bandwidth(device, cfg.copy_bytes)
     rates: dict[str, Any] = {"copy_gbps": copy_bw, "copy_bytes": cfg.copy_bytes, "matmul_n": cfg.matmul_n}
@@ -1179,8 +1180,9 @@ def run_suite(cfg: SuiteConfig, filter_: str | None = None) -> tuple[dict[str, A
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastshare bench", description="Run fastshare's benchmark suite for this "
                                 "machine, print one table and write bench/results/<device>-<date>.json.")
-    p.add_argument("--filter", default=None, help="run only cases whose name contains SUBSTR "
-                   "(e.g. 'gr/12x64x64x64/fp32', 'block/', 'step/policy')")
+    p.add_argument("--filter", action="append", default=None, metavar="SUBSTR",
+                   help="run only cases whose name contains SUBSTR (e.g. 'gr/12x64x64x64/fp32', 'block/', "
+                   "'step/policy'); repeat to run the union")
     p.add_argument("--quick", action="store_true", help="fewer shapes and rounds (smoke run)")
     p.add_argument("--out", default=None, help="result file (a .json path) or directory; default "
                    "bench/results/<device-slug>-<YYYY-MM-DD>.json")
@@ -1201,7 +1203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(device)
     rates, results, skipped = run_suite(cfg, args.filter)
     if not results:
-        _log(f"fastshare bench: no case matches --filter {args.filter!r}")
+        _log(f"fastshare bench: no case matches --filter {' / '.join(args.filter or [])!r}")
         return 2
     if args.out is None:
         path = default_results_path(device)

@@ -73,7 +73,7 @@ for path in map(Path, sys.argv[1:]):
         if c["status"] != "ok":
             print(f"{c['name']:58s} {c['status']}: {c['error'][:60]}  {target}")
             continue
-        f = lambda v, spec: format(v, spec) if v is not None else "-"
+        f = lambda v, spec: format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])
         print(f"{c['name']:58s} {c['median_ms']:10.3f} {f(c['gbps'], '7.0f')} {f(c['pct_copy_bw'], '6.1f')} "
               f"{f(c.get('tflops'), '8.1f')} {f(c['vs_reference'], '6.2f')} {f(c['vs_compile'], '6.2f')}  {target}")
 PY

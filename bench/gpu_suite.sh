@@ -18,6 +18,11 @@ OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export FASTSHARE_BUILD_CUDA=1 FASTSHARE_CUDA_ARCHS="${FASTSHARE_CUDA_ARCHS:-9.0}" MAX_JOBS="${MAX_JOBS:-8}"
 export PYTHONUNBUFFERED=1
+# On this workplace's CUDA image an extension built with /opt/gcc's g++ crashed whenever a TORCH_CHECK
+# message formatted a number (seen 2026-11-26 on an H200); the system libstdc++ fixes it.
+if [ -e /lib/x86_64-linux-gnu/libstdc++.so.6 ]; then
+    export LD_PRELOAD="/lib/x86_64-linux-gnu/libstdc++.so.6${LD_PRELOAD:+:$LD_PRELOAD}"
+fi
 status=()
 
 step() {  # step NAME SECONDS COMMAND...: run time-boxed, log to $OUT, remember the exit code

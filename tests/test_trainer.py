@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import fastshare.train.trainer as trainer_mod
 from fastshare.losses import sharing_loss, sparsity_loss
 from fastshare.policy import curriculum_stage, temperature
 from fastshare.train import PolicyRegularisation, RunOptions, Trainer, policy_objective
@@ -54,6 +55,37 @@ def test_schedule_phases_curriculum_and_temperature(tmp_path):
     assert len(tr.state.policies) == 2 and len(tr.state.policies[0]) == 2
     assert (tmp_path / "ck" / "t" / "warmup.pth").exists()
     assert (tmp_path / "logs" / "t" / "log.jsonl").exists()
+
+
+def test_selection_waits_for_adashare_delay(tmp_path, monkeypatch):
+    """Model selection ignores every validation before warm_up + Lp * speed * (w_alt + a_alt) iterations,
+    even when those score best; a run too short to reach the delay re-trains from the final logits."""
+    torch.set_num_threads(1)
+    validated = []
+
+    def score(metrics, reference):  # earlier validations score higher: only the delay keeps them out
+        validated.append(tr.state.iteration)
+        return -float(tr.state.iteration)
+
+    monkeypatch.setattr(trainer_mod, "selection_score", score)
+    cfg = tiny_config(tmp_path / "long", total_iters=11, warm_up_iters=2, retrain_total_iters=1)
+    cfg.skip_layer = 6  # Lp = 2 policy blocks: delay 2 * 1 * (1 + 1) = 4 iterations after warm-up
+    tr = Trainer(cfg, RunOptions(**OPTS))
+    assert tr.selection_start == 2 + 2 * 1 * (1 + 1)
+    assert tr.search()
+    assert validated == [3, 5, 7, 9, 11]  # after each weight epoch (1 iteration) of policy learning
+    assert tr.state.best_iter == 7  # the first validation at or after selection_start = 6
+    assert (tmp_path / "long" / "ck" / "t" / "best.pth").exists()
+
+    validated.clear()
+    cfg = tiny_config(tmp_path / "short", total_iters=5, warm_up_iters=2, retrain_total_iters=1)
+    cfg.skip_layer = 6
+    tr = Trainer(cfg, RunOptions(**OPTS))
+    assert tr.search()
+    assert validated == [3, 5] and tr.state.best_iter == -1
+    assert not (tmp_path / "short" / "ck" / "t" / "best.pth").exists()
+    final = torch.load(tmp_path / "short" / "ck" / "t" / "search_done.pth", weights_only=False)["model"]["logits"]
+    assert torch.equal(torch.tensor(tr.state.best_logits), final)  # fallback: the final logits
 
 
 def test_schedule_helpers():

@@ -11,11 +11,16 @@ Schedule (AdaShare's ``train.py`` and ``re-train.py``; differences are listed be
 1. ``warm_up_iters`` warm-up iterations on ``train`` (all blocks, logits frozen);
 2. policy learning until ``total_iters``: weight epochs of ``weight_iter_alternate`` iterations on
    ``train1`` and policy epochs of ``alpha_iter_alternate`` iterations on ``train2``; after each weight
-   epoch the model is validated and, once the curriculum covers every block, selected (checkpoint ``best``);
-   after each policy epoch the temperature decays (``tau = init_temp * decay_temp ** policy_epochs``) and
-   the curriculum may advance;
-3. ``num_samples`` architectures drawn from ``softmax(alpha)`` of the selected logits, plus the argmax
-   one; each re-trained from the run's initial weights for ``retrain_total_iters`` iterations on ``train``
+   epoch the model is validated; after each policy epoch the temperature decays
+   (``tau = init_temp * decay_temp ** policy_epochs``) and the curriculum may advance;
+   **model selection** (checkpoint ``best``, the validation with the highest score) considers only the
+   validations at search iterations ``i`` with ``i - warm_up_iters >= Lp * curriculum_speed *
+   (weight_iter_alternate + alpha_iter_alternate)`` (:attr:`Trainer.selection_start`), ``Lp`` being the
+   number of policy blocks, as AdaShare's ``train.py`` does, with or without the curriculum: the delay lets
+   the logits move away from their initial values (and, with the curriculum, covers every block) before a
+   policy is selected; when no validation reaches it (a short run), the final logits are used;
+3. ``num_samples`` architectures drawn from ``softmax(alpha)`` of the selected logits (else the final
+   ones), plus the argmax one; each re-trained from the run's initial weights for ``retrain_total_iters`` iterations on ``train``
    with its fixed policy (executor ``auto``: the tree executor where registered), validated every
    ``val_freq`` iterations, its best weights evaluated on ``test``.
 
@@ -27,8 +32,6 @@ Differences from AdaShare's code (deliberate):
   (hard-sharing) model, instead of AdaShare's ratios to published numbers;
 - validation during policy learning uses the argmax policy (deterministic) at the current curriculum stage,
   not a policy sampled from ``softmax(alpha)``;
-- selection starts once the curriculum covers every block (AdaShare waits ``L * curriculum_speed``
-  alternations);
 - warm-up is exactly ``warm_up_iters`` iterations (AdaShare's loop does ``warm_up_iters - 1``);
 - the Gumbel noise comes from a dedicated seeded generator (identical on all ranks), not torch's global one.
 """
@@ -426,6 +429,14 @@ class Trainer:
         t = self.cfg.train
         return temperature(t.init_temp, t.decay_temp, self.state.policy_epoch)
 
+    @property
+    def selection_start(self) -> int:
+        """The first search iteration whose validation may be selected (AdaShare's delay):
+        ``warm_up_iters + Lp * curriculum_speed * (weight_iter_alternate + alpha_iter_alternate)``."""
+        w_alt, a_alt = self._alternation()
+        lp = self.net.logits.shape[1]
+        return self.cfg.train.warm_up_iters + lp * self.cfg.curriculum_speed * (w_alt + a_alt)
+
     def _alternation(self) -> tuple[int, int]:
         t = self.cfg.train
         return (t.weight_iter_alternate or len(self.streams["train1"]),
@@ -550,23 +561,25 @@ class Trainer:
         self._start_policy_learning()
 
     def _validate_search(self) -> None:
-        """Validate the argmax policy at the current stage; select once the curriculum covers every block."""
+        """Validate the argmax policy at the current stage; select from :attr:`selection_start` on."""
         st = self.state
         stage = self.num_train_layers
+        selectable = st.iteration >= self.selection_start
         if self.ctx.is_main:
             policy = self.current_policy(stage=stage)
             metrics = self._validate(self.net.gates("fixed", policy=policy))
             score = selection_score(metrics, st.reference or metrics)
             self.log.write({"phase": "policy", "iter": st.iteration, "val": metrics, "score": score,
-                            "num_train_layers": stage}, st.iteration)
-            if stage >= self.net.logits.shape[1] and score > st.best_score:
+                            "num_train_layers": stage, "selectable": selectable}, st.iteration)
+            if selectable and score > st.best_score:
                 st.best_score, st.best_iter = score, st.iteration
                 st.best_logits = self.net.logits.detach().cpu().tolist()
                 self._write("best")
         self.save("latest")
 
     def _finish_search(self) -> None:
-        """Sample the architectures (argmax first) from the selected logits, then switch to re-training."""
+        """Sample the architectures (argmax first) from the selected logits (the final logits when no
+        validation was selectable), then switch to re-training."""
         st = self.state
         if st.best_logits is None:
             st.best_logits = self.net.logits.detach().cpu().tolist()
@@ -654,14 +667,15 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         """The run's outcome: learned select probabilities, architectures with validation score and test
-        metrics, and the architecture chosen by validation."""
+        metrics, the architecture chosen by validation, and the selected search iteration (``best_iter``,
+        -1 when no validation reached ``selection_start`` and the final logits were used)."""
         st = self.state
         alpha = torch.tensor(st.best_logits) if st.best_logits is not None else self.net.logits.detach().cpu()
         results = st.results
         chosen = max(results, key=lambda r: r["val_score"]) if results else None
         return {"tasks": self.tasks, "select_prob": select_probability(alpha).tolist(),
                 "policy": st.policies[0] if st.policies else None, "architectures": results, "chosen": chosen,
-                "best_iter": st.best_iter, "reference_val": st.reference}
+                "best_iter": st.best_iter, "selection_start": self.selection_start, "reference_val": st.reference}
 
     # ------------------------------------------------------------------------------------ checkpoints
 

@@ -8,7 +8,9 @@ For gates that are all ``"fixed"`` (or ``"forced"``, i.e. executed) the tasks' p
    is applied even where the block is skipped, since the skip path is ``x <- r``); runs the residual branch
    ``F_l`` once per executing node, ``out = relu(r + F_l(h))``; a skipping node's output is ``r`` and costs
    nothing when the shortcut is the identity (no compute, no BatchNorm update);
-3. runs each task's head on its leaf.
+3. runs each task's head on its leaf, through :func:`fastshare.model.fast_heads.aspp_head_forward` (exact
+   tap pruning of the dilated convolutions, fused matmuls: ``head(x)`` up to float rounding) where that
+   module is present in the build, else through the head's own forward.
 
 **Sibling batching.** Executing nodes of the same block run the same weights on different inputs; in eval
 mode (BatchNorm with running statistics: a per-channel affine map, so stacking rows is exact) their inputs
@@ -48,6 +50,11 @@ from fastshare.model.backbone import BasicBlock, Bottleneck
 from fastshare.plan import Plan
 from fastshare.policy import FIXED, FORCED, Gates
 
+try:  # the fast ASPP forward (fastshare/model/fast_heads.py), where that module is part of the build
+    from fastshare.model.fast_heads import aspp_head_forward as _head_forward
+except ImportError:
+    _head_forward = None
+
 __all__ = ["run_tree", "plan_for_gates"]
 
 # BatchNorm -> list of (tasks, batch mean, unbiased batch variance) collected during one forward.
@@ -70,12 +77,11 @@ def plan_for_gates(gates: Gates, task_names: tuple[str, ...] | None = None) -> P
             f"the tree executor needs a fixed hard policy (Gates.fixed / model.gates('fixed', policy=...)), but "
             f"block(s) {sampled} have {gates.kinds[sampled[0]]!r} gates; use executor='sequential' or "
             f"'batched' while the policy is being learned")
-    rows = []
-    for k in range(gates.num_tasks):
-        rows.append(tuple(1 if kind == FORCED else int(gates.policy[k, l].item() != 0)
-                          for l, kind in enumerate(gates.kinds)))
+    values = gates.policy.tolist() if gates.policy is not None else None  # one device read
+    rows = tuple(tuple(1 if kind == FORCED else int(values[k][l] != 0) for l, kind in enumerate(gates.kinds))
+                 for k in range(gates.num_tasks))
     names = task_names if task_names is not None else tuple(f"task{k}" for k in range(gates.num_tasks))
-    return _cached_plan(tuple(rows), tuple(names))
+    return _cached_plan(rows, tuple(names))
 
 
 def _norm(bn: nn.BatchNorm2d, x: torch.Tensor, tasks: tuple[int, ...], pending: _Pending) -> torch.Tensor:
@@ -181,4 +187,6 @@ def run_tree(model, x: torch.Tensor, gates: Gates) -> dict[str, torch.Tensor]:
         for p in parents:  # a parent's only readers are the nodes of this block
             del acts[p]
     _flush(pending)
-    return {task: model.heads[task](acts[plan.leaves[k]]) for k, task in enumerate(model.tasks)}
+    if _head_forward is None:
+        return {task: model.heads[task](acts[plan.leaves[k]]) for k, task in enumerate(model.tasks)}
+    return {task: _head_forward(model.heads[task], acts[plan.leaves[k]]) for k, task in enumerate(model.tasks)}

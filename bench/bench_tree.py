@@ -1,0 +1,155 @@
+"""Tree executor vs the sequential reference on AdaShare's NYU 3-task example policy (issue 5 targets).
+
+Setup: Deeplab-ResNet-34, paper heads (ASPP width 1024, dropout 0.5), K = 3 tasks (40 / 3 / 1 classes),
+B = 4 images of 128 x 128, float32 on the CPU. Policy over blocks 0..15: task 1 skips block 6, task 2 skips
+9, 10, 11, task 3 skips 5, 10, 11. Both executors run the same model, policy and inputs in this process;
+rounds alternate between the two executors so that machine load hits both alike.
+
+- ``retrain_step``: forward, sum of the three task losses, backward, SGD step (target: tree <= 0.85x).
+- ``inference``: one eval-mode forward under ``torch.no_grad`` (target: tree <= 0.80x).
+- ``flops``: FlopCounterMode counts of one forward of each executor; the tree / sequential ratio is the
+  count from the layer shapes (about 0.86 for the backbone, 0.93 for the whole forward).
+
+Run (2 threads, as measured for the issue)::
+
+    OMP_NUM_THREADS=2 python -m pytest bench/bench_tree.py -o python_files='bench_*.py' \
+        --benchmark-only --benchmark-group-by=group -s
+
+The ratio lines printed at the end (and stored in ``extra_info``) compare medians of the interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastshare.executors import tree as tree_module
+from fastshare.losses import task_loss
+from fastshare.model import AdaShareNet
+
+ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "5"))
+TASKS = {"seg": 40, "sn": 3, "depth": 1}
+B, SIZE = 4, 128
+
+
+def nyu_policy() -> torch.Tensor:
+    """AdaShare's NYU v2 3-task example: ``(3, 16)`` 0/1, 1 = execute."""
+    policy = torch.ones(3, 16)
+    policy[0, 6] = 0
+    policy[1, [9, 10, 11]] = 0
+    policy[2, [5, 10, 11]] = 0
+    return policy
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = AdaShareNet("resnet34", TASKS)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, SIZE, SIZE, generator=g)
+    targets = {"seg": torch.randint(0, 40, (B, SIZE, SIZE), generator=g),
+               "sn": torch.randn(B, 3, SIZE, SIZE, generator=g),
+               "depth": torch.rand(B, 1, SIZE, SIZE, generator=g) + 0.1}
+    gates = model.gates("fixed", policy=nyu_policy())
+    opt = torch.optim.SGD(model.network_parameters(), lr=1e-6, momentum=0.9)
+    return model, x, targets, gates, opt
+
+
+def _retrain_step(setup, executor: str) -> None:
+    model, x, targets, gates, opt = setup
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    out = model(x, gates, executor=executor)
+    sum(task_loss(t, out[t], targets[t]) for t in model.tasks).backward()
+    opt.step()
+
+
+def _inference(setup, executor: str) -> None:
+    model, x, _, gates, _ = setup
+    model.eval()
+    with torch.no_grad():
+        model(x, gates, executor=executor)
+
+
+def _call(fn, setup, variant: str) -> float:
+    """Seconds of one call; ``tree-plain-heads`` is the tree executor with the heads' own forward."""
+    fast_heads = tree_module._head_forward
+    if variant == "tree-plain-heads":
+        tree_module._head_forward = None
+    try:
+        t0 = time.perf_counter()
+        fn(setup, "sequential" if variant == "sequential" else "tree")
+        return time.perf_counter() - t0
+    finally:
+        tree_module._head_forward = fast_heads
+
+
+def _interleaved(fn, setup, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, rounds alternating between them after one warm-up each."""
+    variants = ["sequential", "tree"] + (["tree-plain-heads"] if tree_module._head_forward is not None else [])
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:
+        _call(fn, setup, v)
+    for _ in range(rounds):
+        for v in variants:
+            times[v].append(_call(fn, setup, v))
+    return times
+
+
+def _median(v: list[float]) -> float:
+    s = sorted(v)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def _record(benchmark, what: str, fn, setup) -> None:
+    times = _interleaved(fn, setup, ROUNDS)
+    base = _median(times["sequential"])
+    ratios = {v: _median(t) / base for v, t in times.items() if v != "sequential"}
+    # pytest-benchmark's own timing of the tree executor, plus the interleaved comparison in extra_info.
+    benchmark.pedantic(fn, args=(setup, "tree"), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update({"threads": torch.get_num_threads(), "seconds": times,
+                                 "over_sequential": ratios, "load_avg": os.getloadavg()})
+    line = ", ".join(f"{v} {_median(t):.3f} s" for v, t in times.items())
+    print(f"\n{what} (median of {ROUNDS} interleaved rounds, {torch.get_num_threads()} threads, load "
+          f"{os.getloadavg()[0]:.1f}): {line}; over sequential: "
+          + ", ".join(f"{v} {r:.3f}" for v, r in ratios.items()))
+
+
+@pytest.mark.benchmark(group="retrain_step")
+def test_retrain_step(benchmark, setup):
+    _record(benchmark, "retrain step", _retrain_step, setup)
+
+
+@pytest.mark.benchmark(group="inference")
+def test_inference(benchmark, setup):
+    _record(benchmark, "inference", _inference, setup)
+
+
+@pytest.mark.benchmark(group="flops")
+def test_flops(benchmark, setup):
+    model, x, _, gates, _ = setup
+    model.eval()
+    counts = {}
+    for name in ("sequential", "tree"):
+        with torch.no_grad(), FlopCounterMode(display=False) as total:
+            model(x, gates, executor=name)
+        counts[name] = total.get_total_flops()
+    from fastshare import export
+
+    report = export(model, nyu_policy()).report((B, 3, SIZE, SIZE))
+    ratio = counts["tree"] / counts["sequential"]
+    benchmark.extra_info.update({
+        "flops_sequential": counts["sequential"], "flops_tree": counts["tree"], "flops_ratio": ratio,
+        "backbone_flops_ratio": report.ratios["backbone_flops_vs_single_task"], "report": report.to_dict()})
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    # The compact report counts the plain heads (the layer shapes); the tree executor's count is lower
+    # when it runs the fast heads, whose pruned dilated taps skip multiplications by zero padding.
+    shapes = report.flops_total / report.flops_single_task
+    print(f"\nFLOPs of one forward: sequential {counts['sequential'] / 1e9:.1f} G, tree executor "
+          f"{counts['tree'] / 1e9:.1f} G (ratio {ratio:.4f}); from the layer shapes (plain heads): whole "
+          f"forward {shapes:.4f}, backbone {report.ratios['backbone_flops_vs_single_task']:.4f}\n{report}")
+    assert report.flops_single_task == counts["sequential"]

@@ -9,14 +9,14 @@ Commands:
 - ``retrain --config X.yml --from CKPT``: re-train the architectures of a finished search checkpoint;
 - ``eval --config X.yml --checkpoint CKPT [--split test]``: metrics of a checkpoint's model and policy;
 - ``policy show --checkpoint CKPT [--out policy.png]``: select-probability table and heat map (matplotlib);
-- ``info``: versions and which backends and executors are available (and why not).
+- ``info``: versions and which backends and executors are available (and why not), :mod:`fastshare.info`;
+- ``bench [--quick] [--filter S] [--out F] [--device D]``: the benchmark suite, :func:`fastshare.bench.main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +30,8 @@ __all__ = ["main", "format_policy", "DEMO_CONFIG"]
 #: paths with the default seed: sharing loss off (nothing pulls the tasks' logits together), a sparsity
 #: weight large enough for the logits to move within a few policy epochs, no curriculum (every block is
 #: trained from the first policy epoch), a policy learning rate of 0.1 and hard straight-through gates.
+#: Model selection starts after AdaShare's delay, 8 blocks x curriculum_speed 1 x (2 + 2) = 32 iterations
+#: after the 12 warm-up iterations: the validations at iterations 46, 50 and 54 are selectable.
 DEMO_CONFIG: dict[str, Any] = {
     "exp_name": "demo",
     "seed": [0],
@@ -40,13 +42,16 @@ DEMO_CONFIG: dict[str, Any] = {
     "is_sparse": True,
     "is_sharing": False,
     "is_curriculum": False,
+    "curriculum_speed": 1,
     "diff_sparsity_weights": True,
     "dataload": {"dataset": "Synthetic", "crop_h": 64, "crop_w": 64},
-    "train": {"batch_size": 4, "total_iters": 40, "warm_up_iters": 12, "retrain_total_iters": 12,
-              "weight_iter_alternate": 4, "alpha_iter_alternate": 4, "lr": 0.001, "backbone_lr": 0.001,
+    "train": {"batch_size": 4, "total_iters": 54, "warm_up_iters": 12, "retrain_total_iters": 12,
+              "weight_iter_alternate": 2, "alpha_iter_alternate": 2, "lr": 0.001, "backbone_lr": 0.001,
               "policy_lr": 0.1, "reg_w": 0.05, "val_freq": 10, "print_freq": 5, "decay_lr_freq": 1000,
               "init_temp": 5.0, "decay_temp": 0.965, "init_method": "equal", "hard_sampling": True},
 }
+#: ``demo --quick`` (a smoke test): too short to reach the selection delay, so it re-trains the argmax
+#: policy of the final logits.
 DEMO_QUICK = {"train": {"batch_size": 2, "total_iters": 8, "warm_up_iters": 2, "retrain_total_iters": 2,
                         "weight_iter_alternate": 2, "alpha_iter_alternate": 2, "val_freq": 2},
               "dataload": {"crop_h": 33, "crop_w": 33}}
@@ -142,7 +147,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = trainer.run()
     elapsed = time.perf_counter() - t0
     policy = result["policy"]
-    print(f"learned policy (X = execute, with P(execute)), selected at iteration {result['best_iter']}:")
+    if result["best_iter"] >= 0:
+        origin = (f"selected at iteration {result['best_iter']} (selection from iteration "
+                  f"{result['selection_start']} on)")
+    else:
+        origin = (f"final logits: no validation reached the selection delay (iteration "
+                  f"{result['selection_start']})")
+    print(f"learned policy (X = execute, with P(execute)), {origin}:")
     print(format_policy(result["tasks"], policy, result["select_prob"]))
     distinct = len({tuple(p) for p in policy}) > 1
     print(f"tasks take different paths: {'yes' if distinct else 'no'}")
@@ -277,28 +288,16 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import fastshare
-    from fastshare import executors
-    from fastshare.ops import available_backends
+    from fastshare.info import collect, format_info
 
-    print(f"fastshare {fastshare.__version__}, torch {torch.__version__}, Python {platform.python_version()}")
-    for mod in ("triton", "numpy", "matplotlib", "tensorboard"):
-        try:
-            m = __import__(mod)
-            print(f"{mod}: {getattr(m, '__version__', 'installed')}")
-        except ImportError:
-            print(f"{mod}: not installed")
-    print(f"CUDA available: {torch.cuda.is_available()}"
-          + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for dev in devices:
-        print(f"backends on {dev}:")
-        for name, reasons in available_backends(dev).items():
-            print(f"  {name:<10} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
-    registered = sorted(executors._EXECUTORS)
-    print("executors: " + ", ".join(f"{n} ({'registered' if n in registered else 'not registered'})"
-                                    for n in executors.NAMES[1:]))
+    print(format_info(collect()))
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fastshare.bench import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -349,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, backends and executors available here")
     p.set_defaults(fn=_cmd_info)
+
+    # Every argument after `bench` goes to fastshare.bench's own parser (see main): `fastshare bench --help`.
+    p = sub.add_parser("bench", add_help=False, help="benchmark suite (fastshare bench --help for its options)")
+    p.set_defaults(fn=_cmd_bench)
     return parser
 
 
@@ -358,7 +361,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastshare.config import ConfigError
     from fastshare.train.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, CheckpointError, FileNotFoundError) as exc:

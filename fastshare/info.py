@@ -1,7 +1,9 @@
-"""``python -m fastshare.info``: versions, and which backends can run here and why the others cannot."""
+"""``fastshare info`` / ``python -m fastshare.info``: versions (torch, Python and the packages of
+:data:`PACKAGES`), and which backends and executors can run here, with the reason for each one that cannot."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import platform
 
@@ -9,22 +11,46 @@ import torch
 
 from fastshare.ops.backends import available_backends
 
+__all__ = ["PACKAGES", "collect", "format_info", "main"]
+
+#: Packages whose version :func:`collect` reports, with what each one is for.
+PACKAGES: dict[str, str] = {
+    "triton": "triton backend; Linux x86_64 dependency",
+    "numpy": "required",
+    "matplotlib": "optional, fastshare[plot]: policy show --out",
+    "tensorboard": "optional, fastshare[tensorboard]: --tensorboard",
+}
+
+
+def _version(module: str) -> str | None:
+    """The installed version of ``module`` ("installed" when it has no ``__version__``), None if absent."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    return str(getattr(importlib.import_module(module), "__version__", "installed"))
+
 
 def collect() -> dict[str, object]:
-    """Versions and per-device backend availability (reasons for each unavailable backend)."""
-    triton_version = None
-    if importlib.util.find_spec("triton") is not None:
-        import triton
+    """Versions, package versions, per-device backend availability (reasons for each unavailable
+    backend) and the executors (registered or not in this build).
 
-        triton_version = triton.__version__
+    Keys: ``fastshare``, ``python``, ``torch``, ``torch_cuda``, ``triton`` (version or None),
+    ``cuda_device`` (name or None), ``packages`` (``{name: version or None}`` for
+    :data:`PACKAGES`), ``backends`` (``{device: {backend: [reasons]}}``, empty list = available),
+    ``executors`` (``{name: registered}``).
+    """
+    from fastshare import executors
+
+    packages = {name: _version(name) for name in PACKAGES}
     info: dict[str, object] = {
         "fastshare": __import__("fastshare").__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
+        "triton": packages["triton"],
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "packages": packages,
         "backends": {"cpu": available_backends("cpu")},
+        "executors": {name: name in executors._EXECUTORS for name in executors.NAMES[1:]},
     }
     if torch.cuda.is_available():
         info["backends"]["cuda"] = available_backends("cuda")
@@ -32,16 +58,25 @@ def collect() -> dict[str, object]:
 
 
 def format_info(info: dict[str, object]) -> str:
+    """The text report of :func:`collect`'s dictionary."""
     lines = [f"{key:12s} {info[key]}" for key in
              ("fastshare", "python", "torch", "torch_cuda", "triton", "cuda_device")]
+    lines.append("packages:")
+    for name, version in info["packages"].items():
+        state = version if version is not None else "not installed"
+        lines.append(f"  {name:12s} {state}  ({PACKAGES.get(name, '')})")
     for device, table in info["backends"].items():
         lines.append(f"backends for {device} tensors:")
         for name, reasons in table.items():
             lines.append(f"  {name:10s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+    lines.append("executors:")
+    for name, registered in info["executors"].items():
+        lines.append(f"  {name:10s} " + ("registered" if registered else "not registered in this build"))
     return "\n".join(lines)
 
 
 def main() -> int:
+    """Print the report; exit status 0."""
     print(format_info(collect()))
     return 0
 

@@ -20,10 +20,23 @@ def fastshare(*args: str, cwd: Path | None = None) -> subprocess.CompletedProces
                           cwd=cwd or ROOT, timeout=900)
 
 
-def test_info():
+def test_info_is_fastshare_info():
     r = fastshare("info")
     assert r.returncode == 0, r.stderr
-    assert "torch" in r.stdout and "backends on cpu" in r.stdout and "reference" in r.stdout
+    assert "torch" in r.stdout and "backends for cpu tensors" in r.stdout and "reference" in r.stdout
+    assert "matplotlib" in r.stdout and "tensorboard" in r.stdout and "numpy" in r.stdout
+    assert "executors:" in r.stdout and "sequential" in r.stdout
+
+
+def test_bench_passes_its_arguments_to_fastshare_bench(tmp_path):
+    r = fastshare("bench", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: fastshare bench" in r.stdout and "--filter" in r.stdout and "--quick" in r.stdout
+    r = fastshare("bench", "--quick", "--filter", "no-such-case", "--out", str(tmp_path / "b.json"))
+    assert r.returncode == 2 and "no case matches --filter 'no-such-case'" in r.stderr
+    assert not (tmp_path / "b.json").exists()
+    r = fastshare("info", "--filter", "x")  # other commands still reject unknown arguments
+    assert r.returncode == 2 and "unrecognized arguments: --filter x" in r.stderr
 
 
 def test_bad_config_key_names_the_key(tmp_path):

@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fastshare`` / ``python -m fastshare``; configuration and checkpoint errors are
-    reported in one line (exit status 2)."""
+    reported in one line (exit status 2). The arguments after ``bench`` are passed unparsed to
+    :func:`fastshare.bench.main` (whose exit status is returned); other commands reject unknown ones."""
     from fastshare.config import ConfigError
     from fastshare.train.checkpoint import CheckpointError
 

@@ -12,11 +12,11 @@ For gates that are all ``"fixed"`` (or ``"forced"``, i.e. executed) the tasks' p
    tap pruning of the dilated convolutions, fused matmuls: ``head(x)`` up to float rounding) where that
    module is present in the build, else through the head's own forward.
 
-**Sibling batching.** Executing nodes of the same block run the same weights on different inputs; in eval
-mode (BatchNorm with running statistics: a per-channel affine map, so stacking rows is exact) their inputs
-are stacked along the batch axis into one call and split afterwards. In training each node runs on its own
-rows (per-node batch statistics are what the reference computes); the segmented BatchNorm op that would
-allow stacking them in training (``fastshare/model/norm.py``) had not landed when this was written.
+**Sibling batching.** Executing nodes of the same block run the same weights on different inputs: their
+inputs are stacked along the batch axis into one call per layer and split afterwards. In eval mode
+(BatchNorm with running statistics: a per-channel affine map) the stacked rows go through every layer as
+one batch. In training each BatchNorm normalises every node's rows with that node's own batch statistics
+(the convolutions run once on all rows), which is what the reference computes per task.
 
 **BatchNorm running statistics (the equivalence contract for fixed policies).** The sequential reference
 runs block ``l`` once per task in task order, so a node shared by ``n`` tasks updates its BatchNorm ``n``
@@ -84,14 +84,19 @@ def plan_for_gates(gates: Gates, task_names: tuple[str, ...] | None = None) -> P
     return _cached_plan(rows, tuple(names))
 
 
-def _norm(bn: nn.BatchNorm2d, x: torch.Tensor, tasks: tuple[int, ...], pending: _Pending) -> torch.Tensor:
+def _norm(bn: nn.BatchNorm2d, x: torch.Tensor, tasks: tuple[int, ...] | list[tuple[int, ...]],
+          pending: _Pending, rows: list[int] | None = None) -> torch.Tensor:
     """``bn(x)``; in training with running statistics, the update is deferred to :func:`_flush`.
 
     The batch mean and unbiased variance come out of ``F.batch_norm`` itself: with fresh buffers (0, 1)
     and momentum 1, its running-statistics update writes exactly ``mean`` and ``var * N / (N - 1)``.
+    With ``rows`` (stacked siblings in training), ``x`` holds one block of rows per node and ``tasks`` one
+    task tuple per node: each block is normalised with its own statistics.
     """
     if not (bn.training and bn.running_mean is not None):
         return bn(x)
+    if rows is not None:
+        return torch.cat([_norm(bn, part, t, pending) for part, t in zip(x.split(rows, 0), tasks)], 0)
     mean = torch.zeros_like(bn.running_mean)
     var = torch.ones_like(bn.running_var)
     y = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
@@ -111,21 +116,24 @@ def _flush(pending: _Pending) -> None:
             bn.running_var.mul_(1 - f).add_(var, alpha=f)
 
 
-def _branch(block: nn.Module, x: torch.Tensor, tasks: tuple[int, ...], pending: _Pending) -> torch.Tensor:
-    """Residual branch ``F_l(x)`` of a :class:`BasicBlock` or :class:`Bottleneck` with deferred BN updates."""
+def _branch(block: nn.Module, x: torch.Tensor, tasks, pending: _Pending,
+            rows: list[int] | None = None) -> torch.Tensor:
+    """Residual branch ``F_l(x)`` of a :class:`BasicBlock` or :class:`Bottleneck` with deferred BN updates
+    (``rows``: stacked siblings, see :func:`_norm`)."""
     if isinstance(block, BasicBlock):
-        h = block.relu(_norm(block.bn1, block.conv1(x), tasks, pending))
-        return _norm(block.bn2, block.conv2(h), tasks, pending)
+        h = block.relu(_norm(block.bn1, block.conv1(x), tasks, pending, rows))
+        return _norm(block.bn2, block.conv2(h), tasks, pending, rows)
     if isinstance(block, Bottleneck):
-        h = block.relu(_norm(block.bn1, block.conv1(x), tasks, pending))
-        h = block.relu(_norm(block.bn2, block.conv2(h), tasks, pending))
-        return _norm(block.bn3, block.conv3(h), tasks, pending)
+        h = block.relu(_norm(block.bn1, block.conv1(x), tasks, pending, rows))
+        h = block.relu(_norm(block.bn2, block.conv2(h), tasks, pending, rows))
+        return _norm(block.bn3, block.conv3(h), tasks, pending, rows)
     raise TypeError(f"the tree executor runs BasicBlock and Bottleneck blocks, got {type(block).__name__}")
 
 
-def _projection(ds: nn.Sequential, x: torch.Tensor, tasks: tuple[int, ...], pending: _Pending) -> torch.Tensor:
+def _projection(ds: nn.Sequential, x: torch.Tensor, tasks, pending: _Pending,
+                rows: list[int] | None = None) -> torch.Tensor:
     conv, bn = ds
-    return _norm(bn, conv(x), tasks, pending)
+    return _norm(bn, conv(x), tasks, pending, rows)
 
 
 def _stackable(module: nn.Module) -> bool:
@@ -136,12 +144,15 @@ def _stackable(module: nn.Module) -> bool:
 
 def _apply(fn, module: nn.Module, inputs: list[torch.Tensor], tasks: list[tuple[int, ...]],
            pending: _Pending) -> list[torch.Tensor]:
-    """``[fn(module, x_i)]``, as one call on the stacked rows when that is exact (sibling batching)."""
-    if len(inputs) > 1 and _stackable(module):
-        rows = [x.shape[0] for x in inputs]
+    """``[fn(module, x_i)]`` as one call on the stacked rows (sibling batching)."""
+    if len(inputs) == 1:
+        return [fn(module, inputs[0], tasks[0], pending)]
+    rows = [x.shape[0] for x in inputs]
+    stacked = torch.cat(inputs, 0)
+    if _stackable(module):
         merged = tuple(sorted(k for t in tasks for k in t))
-        return list(fn(module, torch.cat(inputs, 0), merged, pending).split(rows, 0))
-    return [fn(module, x, t, pending) for x, t in zip(inputs, tasks)]
+        return list(fn(module, stacked, merged, pending).split(rows, 0))
+    return list(fn(module, stacked, tasks, pending, rows).split(rows, 0))
 
 
 @register("tree")

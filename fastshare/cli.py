@@ -89,24 +89,28 @@ def _format_metrics(metrics: dict[str, dict[str, float]]) -> str:
                      for task, vals in metrics.items())
 
 
-def _median_time(fn: Callable[[], Any], steps: int) -> float:
-    fn()
-    times = []
-    for _ in range(steps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def _interleaved_medians(fns: dict[str, Callable[[], Any]], steps: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed round by round (one call of each per round, after
+    one warm-up call each) so that load drift on a shared machine hits them alike."""
+    for fn in fns.values():
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def measure_speedup(trainer: Any, policy: torch.Tensor, steps: int = 3) -> dict[str, Any]:
     """Seconds per training step (forward + backward) of the re-training model with ``policy`` under the
-    sequential reference and the executor ``auto`` picks for a fixed policy, on the same batch."""
+    sequential reference and the executor ``auto`` picks for a fixed policy, on the same batch (medians of
+    ``steps`` interleaved rounds)."""
     from fastshare import executors
     from fastshare.train.phases import task_losses
     from fastshare.losses import total_task_loss
@@ -123,10 +127,10 @@ def measure_speedup(trainer: Any, policy: torch.Tensor, steps: int = 3) -> dict[
             total_task_loss(task_losses(out, batch, trainer.tasks), trainer.lambdas).backward()
         return run
 
-    t_seq = _median_time(step("sequential"), steps)
-    t_fast = _median_time(step(fast), steps) if fast != "sequential" else t_seq
+    t = _interleaved_medians({name: step(name) for name in dict.fromkeys(("sequential", fast))}, steps)
     net.zero_grad(set_to_none=True)
-    return {"fast_executor": fast, "sequential_s": t_seq, "fast_s": t_fast, "speedup": t_seq / t_fast}
+    return {"fast_executor": fast, "sequential_s": t["sequential"], "fast_s": t[fast],
+            "speedup": t["sequential"] / t[fast]}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -161,7 +165,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         kind = "argmax" if arch["arch"] == 0 else "sampled"
         print(f"architecture {arch['arch']} ({kind}), validation score {arch['val_score']:+.2f}%, test metrics:")
         print(_format_metrics(arch["test"]))
-    speed = measure_speedup(trainer, torch.tensor(policy, dtype=torch.float32), steps=2 if args.quick else 3)
+    speed = measure_speedup(trainer, torch.tensor(policy, dtype=torch.float32), steps=3 if args.quick else 5)
     print(f"re-training step: sequential {speed['sequential_s'] * 1e3:.1f} ms, {speed['fast_executor']} "
           f"{speed['fast_s'] * 1e3:.1f} ms, speed-up {speed['speedup']:.2f}x")
     print(f"demo wall time {elapsed:.1f} s (training and evaluation); logs in {out / 'logs' / cfg.exp_name}")

@@ -145,7 +145,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(raw)
     opts = RunOptions(head_width=8 if args.quick else 32, dropout=0.0, num_samples=1,
                       num_train=24 if args.quick else 96, num_test=4 if args.quick else 32,
-                      eval_batches=2 if args.quick else None, progress=not args.no_progress)
+                      eval_batches=2 if args.quick else None, progress=not args.no_progress,
+                      latest_at_validation=False)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, opts)
     result = trainer.run()

@@ -104,6 +104,8 @@ class RunOptions:
         eval_batches: cap on validation/test batches (None: the whole split).
         num_train, num_test: sizes of the synthetic splits.
         checkpoint_every: also write ``latest`` every this many iterations (None: at validations only).
+        latest_at_validation: write ``latest`` at every validation (AdaShare's resume points); off, only
+            ``best``, phase-end and ``checkpoint_every`` checkpoints are written (the demo: less disk I/O).
         tensorboard: write TensorBoard scalars (needs ``tensorboard``).
         progress: tqdm progress bars.
         sync_bn: SyncBatchNorm under DDP (CUDA only).
@@ -117,6 +119,7 @@ class RunOptions:
     num_train: int = 256
     num_test: int = 64
     checkpoint_every: int | None = None
+    latest_at_validation: bool = True
     tensorboard: bool = False
     progress: bool = True
     sync_bn: bool = False
@@ -530,7 +533,7 @@ class Trainer:
                                     "num_train_layers": self.num_train_layers,
                                     "select_prob": select_probability(self.net.logits).tolist()}, st.iteration)
                 elif st.phase == "warmup" and st.iteration % t.val_freq == 0:
-                    self.save("latest")
+                    self._save_latest_at_validation()
                 if self.opts.checkpoint_every and st.iteration % self.opts.checkpoint_every == 0:
                     self.save("latest")
             if st.phase == "warmup":  # total_iters <= warm_up_iters: no policy learning
@@ -575,7 +578,7 @@ class Trainer:
                 st.best_score, st.best_iter = score, st.iteration
                 st.best_logits = self.net.logits.detach().cpu().tolist()
                 self._write("best")
-        self.save("latest")
+        self._save_latest_at_validation()
 
     def _finish_search(self) -> None:
         """Sample the architectures (argmax first) from the selected logits (the final logits when no
@@ -645,7 +648,7 @@ class Trainer:
             if score > st.retrain_best:
                 st.retrain_best = score
                 self._write(f"{self._arch_label()}_best")
-        self.save("latest")
+        self._save_latest_at_validation()
 
     def _finish_arch(self, gates: Gates) -> None:
         """Test metrics of the architecture's best (validation) weights; next architecture."""
@@ -694,6 +697,10 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "options": asdict(self.opts),
         }
+
+    def _save_latest_at_validation(self) -> None:
+        if self.opts.latest_at_validation:
+            self.save("latest")
 
     def save(self, label: str) -> Path:
         """Write ``<checkpoint_dir>/<exp_name>/<label>.pth`` atomically (main rank; every rank waits)."""

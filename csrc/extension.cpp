@@ -18,6 +18,12 @@ TORCH_LIBRARY(fastshare_C, m) {
   // deterministic: run-to-run identical gate-logit gradients (the CPU kernel always is).
   m.def("gated_residual_bwd(Tensor grad, Tensor f, Tensor r, Tensor alpha, Tensor u, float tau, bool hard,"
         " Tensor seg, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // ReLU + dropout in one pass (maths in csrc/cpu/relu_dropout_cpu.cpp): x any shape, read in row-major order;
+  // seed: one-element int64 CPU tensor in [0, 2^32); offset >= 0; p in [0, 1). Returns contiguous
+  // (out, mask): out = keep ? relu(x) / (1 - p) : 0 in x's dtype, mask = keep AND x > 0 (bool).
+  m.def("relu_dropout_fwd(Tensor x, Tensor seed, int offset, float p) -> (Tensor, Tensor)");
+  // dx = mask ? grad / (1 - p) : 0, contiguous, grad's shape and dtype.
+  m.def("relu_dropout_bwd(Tensor grad, Tensor mask, float p) -> Tensor");
 }
 
 // The module itself is empty: the ops above are reached through torch.ops.fastshare_C.

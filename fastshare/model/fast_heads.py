@@ -19,7 +19,9 @@ four dilated 3x3 convolutions ``C_in -> W`` (most of the FLOPs), four ``W -> W``
    column block; the ``W -> classes`` convolutions and the branch sum are one chain of ``addmm`` calls
    accumulating into one ``(N, classes)`` output with the summed bias (``sum_j (H_j W3_j^T + b3_j)``),
    with no concatenation copy.
-4. ReLU in place on freshly produced matmul outputs; dropout only when active (``p > 0`` in training).
+4. ReLU in place on freshly produced matmul outputs when dropout is inactive (eval mode or ``p = 0``);
+   in training, ReLU + dropout in one pass (:func:`fastshare.ops.relu_dropout`: counter-based mask, one
+   byte per element saved for backward instead of the ReLU output and a float dropout mask).
 
 Shapes: ``x (B, C_in, h, w) -> (B, classes, h, w)``, contiguous output.
 """
@@ -31,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastshare.model.heads import ASPPHead, ClassificationModule
+from fastshare.ops.relu_dropout import relu_dropout
 
 __all__ = ["aspp_head_forward", "pruned_dilated_kernel"]
 
@@ -67,11 +70,10 @@ def _is_standard_branch(branch: ClassificationModule) -> bool:
 
 
 def _relu_dropout(t: torch.Tensor, dropout: nn.Dropout, training: bool) -> torch.Tensor:
-    # ReLU in place: t is a fresh matmul/conv output that nothing else has saved.
-    t = torch.relu_(t)
     if training and dropout.p > 0:
-        t = F.dropout(t, dropout.p, True)
-    return t
+        return relu_dropout(t, dropout.p, True)
+    # ReLU in place: t is a fresh matmul/conv output that nothing else has saved.
+    return torch.relu_(t)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 - :func:`gated_residual`: the fused Gumbel-gated residual (DESIGN.md §2).
 - :func:`gumbel_gate`: the Gumbel-Softmax gate.
 - :func:`segmented_batch_norm`: BatchNorm with statistics per (segment, channel).
+- :func:`relu_dropout`: ReLU + dropout in one pass with a counter-based mask (the ASPP heads).
 - :func:`use_backend`, :func:`available_backends`: backend choice (see :mod:`fastshare.ops.backends`).
 """
 
@@ -14,6 +15,7 @@ from fastshare.ops.backends import (
     use_backend,
 )
 from fastshare.ops.gated_residual import deterministic_reductions, gated_residual, gumbel_gate
+from fastshare.ops.relu_dropout import relu_dropout
 from fastshare.ops.segmented_bn import segmented_batch_norm
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "gated_residual",
     "gumbel_gate",
     "last_fallback_reasons",
+    "relu_dropout",
     "segmented_batch_norm",
     "use_backend",
 ]

@@ -1,0 +1,133 @@
+"""The fast ASPP head with the fused ReLU + dropout (``fastshare.ops.relu_dropout``) against the same head
+with ``torch.relu_`` + ``F.dropout`` (the two-pass form it replaced), forward + backward (issue 4, heads).
+
+Cases (float32, CPU, training mode, dropout 0.5):
+
+- ``head``: one task's paper head on ResNet-34 features, input ``[4, 512, 16, 16]``, width 1024, 40 classes,
+  through :func:`fastshare.model.fast_heads.aspp_head_forward` (2 branches dilated 3x3, 2 pruned to 1x1).
+- ``op``: ReLU + dropout alone on the head's largest activation, ``(B h w, 2 W) = [1024, 2048]`` (the two
+  1x1 branches' first layer), forward + backward (plus the backward of the ``x * 1`` that makes the input a
+  fresh activation, common to both variants).
+
+Variants ``fused`` and ``two-pass`` run in one process on the same model and input, alternating round by
+round so that machine load hits both alike; the ratio of their medians is printed and stored in
+``extra_info`` together with the load average (the machine is shared). pytest-benchmark's own table times
+the ``fused`` variant.
+
+Run (2 threads)::
+
+    OMP_NUM_THREADS=2 python -m pytest bench/bench_heads.py --benchmark-only -s
+
+``FASTSHARE_BENCH_ROUNDS`` (default 7) sets the interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastshare.model import fast_heads
+from fastshare.model.heads import ASPPHead
+from fastshare.ops import relu_dropout
+
+ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "7"))
+B, C_IN, SIZE, WIDTH, CLASSES, P = 4, 512, 16, 1024, 40, 0.5
+VARIANTS = ("fused", "two-pass")
+
+
+def _two_pass(t: torch.Tensor, dropout: torch.nn.Dropout, training: bool) -> torch.Tensor:
+    """The head's ReLU + dropout before the fused op: in-place ReLU, then F.dropout (float mask)."""
+    t = torch.relu_(t)
+    if training and dropout.p > 0:
+        t = F.dropout(t, dropout.p, True)
+    return t
+
+
+@contextlib.contextmanager
+def _variant(name: str) -> Iterator[None]:
+    fused = fast_heads._relu_dropout
+    if name == "two-pass":
+        fast_heads._relu_dropout = _two_pass
+    try:
+        yield
+    finally:
+        fast_heads._relu_dropout = fused
+
+
+def _median(v: list[float]) -> float:
+    s = sorted(v)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def _interleaved(step: Callable[[str], float], rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for v in VARIANTS:
+        step(v)  # warm-up
+    for _ in range(rounds):
+        for v in VARIANTS:
+            times[v].append(step(v))
+    return times
+
+
+def _report(benchmark, case: str, times: dict[str, list[float]], fused_step: Callable[[], object]) -> None:
+    ratio = _median(times["fused"]) / _median(times["two-pass"])
+    benchmark.pedantic(fused_step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    load = os.getloadavg()
+    benchmark.extra_info.update({"case": case, "threads": torch.get_num_threads(), "seconds": times,
+                                 "fused_over_two_pass": ratio, "load_avg": load})
+    line = ", ".join(f"{v} {_median(t) * 1e3:.1f} ms (p20-p80 {sorted(t)[len(t) // 5] * 1e3:.1f}-"
+                     f"{sorted(t)[(4 * len(t)) // 5] * 1e3:.1f})" for v, t in times.items())
+    print(f"\n{case} fwd+bwd (median of {len(times['fused'])} interleaved rounds, {torch.get_num_threads()} "
+          f"threads, load {load[0]:.1f}): {line}; fused / two-pass = {ratio:.3f}")
+
+
+@pytest.fixture(scope="module")
+def head_case():
+    torch.manual_seed(0)
+    head = ASPPHead(C_IN, CLASSES, width=WIDTH, dropout=P).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, C_IN, SIZE, SIZE, generator=g)
+    grad = torch.randn(B, CLASSES, SIZE, SIZE, generator=g)
+    return head, x, grad
+
+
+@pytest.mark.benchmark(group="heads")
+def test_head_fwd_bwd(benchmark, head_case):
+    head, x, grad = head_case
+
+    def run(variant: str) -> float:
+        with _variant(variant):
+            t0 = time.perf_counter()
+            head.zero_grad(set_to_none=True)
+            fast_heads.aspp_head_forward(head, x).backward(grad)
+            return time.perf_counter() - t0
+
+    _report(benchmark, f"head [{B},{C_IN},{SIZE},{SIZE}] width {WIDTH}", _interleaved(run, ROUNDS),
+            lambda: run("fused"))
+
+
+@pytest.mark.benchmark(group="heads")
+def test_relu_dropout_op_fwd_bwd(benchmark):
+    g = torch.Generator().manual_seed(2)
+    shape = (B * SIZE * SIZE, 2 * WIDTH)
+    a = torch.randn(shape, generator=g)
+    grad = torch.randn(shape, generator=g)
+    dropout = torch.nn.Dropout(P)
+
+    leaf = a.requires_grad_()
+
+    def run(variant: str) -> float:
+        fn = (lambda t: relu_dropout(t, P, True)) if variant == "fused" else (lambda t: _two_pass(t, dropout, True))
+        leaf.grad = None
+        h = leaf * 1.0  # a fresh activation, as in the head (relu_ works in place on it); not timed
+        t0 = time.perf_counter()
+        fn(h).backward(grad)  # also times the backward of h = leaf * 1 (one pass, common to both)
+        return time.perf_counter() - t0
+
+    _report(benchmark, f"relu+dropout op {list(shape)}", _interleaved(run, ROUNDS), lambda: run("fused"))

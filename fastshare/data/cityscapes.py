@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastshare.data.base import SplitFileDataset
 from fastshare.data.io import DataFileError, PathLike, read_npy, read_split_file
-from fastshare.data.transforms import IGNORE_INDEX, TRAIN_SPLITS, random_scale_flip_crop, subtract_mean
+from fastshare.data.transforms import IGNORE_INDEX, random_scale_flip_crop, subtract_mean
 
 SPLIT_FILE = "cityscape.json"
 _LABEL_COLUMN = {2: 2, 7: 3, 19: 4}
 
 
-class CityScapes(torch.utils.data.Dataset):
+class CityScapes(SplitFileDataset):
     """CityScapes (2/7/19-class segmentation and depth) as AdaShare loads it.
 
     Args:
@@ -61,27 +62,10 @@ class CityScapes(torch.utils.data.Dataset):
             num_class = 19
         if num_class not in _LABEL_COLUMN:
             raise ValueError(f"CityScapes supports 2, 7 or 19 classes, got {num_class}")
-        self.root = Path(root)
-        self.split = split
         self.num_class = num_class
-        self.groups = read_split_file(self.root, SPLIT_FILE, split)
-        for g in self.groups:
-            if len(g) != 5:
-                raise ValueError(f"CityScapes entries are [img, depth, label2, label7, label19]; got {g!r}")
-        if (crop_h is None) != (crop_w is None):
-            raise ValueError("give both crop_h and crop_w, or neither")
-        if crop_h is None:
-            crop_h, crop_w = (128, 256) if small_res else (256, 512)
-        self.crop = (int(crop_h), int(crop_w))
-        self.augment = split in TRAIN_SPLITS if augment is None else augment
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def name(self, index: int) -> str:
-        """The image file name of sample ``index``."""
-        return Path(self.groups[index][0]).name
+        super().__init__(root, split, read_split_file(Path(root), SPLIT_FILE, split),
+                         ("img", "depth", "label2", "label7", "label19"), crop_h, crop_w,
+                         (128, 256) if small_res else (256, 512), augment, generator)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         group = self.groups[index]

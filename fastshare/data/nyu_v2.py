@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastshare.data.base import SplitFileDataset
 from fastshare.data.io import DataFileError, PathLike, read_color_image, read_label_image, read_npy, read_split_file
 from fastshare.data.transforms import (
     IGNORE_INDEX,
-    TRAIN_SPLITS,
     random_scale_flip_crop,
     rgb_to_bgr_tensor,
     subtract_mean,
@@ -67,7 +67,7 @@ def nyu_split_from_folders(root: PathLike) -> dict[str, list[tuple[str, str, str
     return {"test": entries}
 
 
-class NYUv2(torch.utils.data.Dataset):
+class NYUv2(SplitFileDataset):
     """NYU v2 (40-class segmentation, surface normals, depth) as AdaShare loads it.
 
     Args:
@@ -99,30 +99,14 @@ class NYUv2(torch.utils.data.Dataset):
         splits: Mapping[str, Sequence[Sequence[str]]] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        self.root = Path(root)
-        self.split = split
         if splits is None:
-            groups = read_split_file(self.root, SPLIT_FILE, split)
+            groups = read_split_file(Path(root), SPLIT_FILE, split)
         elif split in splits:
-            groups = [list(g) for g in splits[split]]
+            groups = splits[split]
         else:
             raise KeyError(f"split {split!r} not in the given splits; available: {sorted(splits)}")
-        for g in groups:
-            if len(g) != 4:
-                raise ValueError(f"NYU v2 entries are [img, seg, normal, depth]; got {g!r}")
-        self.groups = groups
-        if (crop_h is None) != (crop_w is None):
-            raise ValueError("give both crop_h and crop_w, or neither")
-        self.crop = None if crop_h is None else (int(crop_h), int(crop_w))
-        self.augment = split in TRAIN_SPLITS if augment is None else augment
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def name(self, index: int) -> str:
-        """The image file name of sample ``index`` (AdaShare's ``name``)."""
-        return Path(self.groups[index][0]).name
+        super().__init__(root, split, groups, ("img", "seg", "normal", "depth"), crop_h, crop_w, None, augment,
+                         generator)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         img_p, seg_p, normal_p, depth_p = (self.root / p for p in self.groups[index])

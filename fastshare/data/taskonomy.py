@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastshare.data.base import SplitFileDataset
 from fastshare.data.io import DataFileError, PathLike, read_color_image, read_label_image, read_npy, read_split_file
 from fastshare.data.transforms import (
     IGNORE_INDEX,
-    TRAIN_SPLITS,
     random_scale_flip_crop,
     resize,
     rgb_to_bgr_tensor,
@@ -50,7 +50,7 @@ def _rescale_unit(x: np.ndarray, high: float) -> np.ndarray:
     return (np.clip(x, 0.0, high) / high * 2.0 - 1.0).astype(np.float32)
 
 
-class Taskonomy(torch.utils.data.Dataset):
+class Taskonomy(SplitFileDataset):
     """Tiny-Taskonomy, five tasks, as AdaShare loads it (see the module docstring for the encodings).
 
     Args:
@@ -80,34 +80,23 @@ class Taskonomy(torch.utils.data.Dataset):
         unlabelled_as_ignore: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
-        self.root = Path(root)
-        self.split = split
-        self.groups = read_split_file(self.root, SPLIT_FILE, split)
-        for g in self.groups:
-            if len(g) != 6:
-                raise ValueError(f"Taskonomy entries are [img, seg, normal, depth, keypoint, edge]; got {g!r}")
-        if (crop_h is None) != (crop_w is None):
-            raise ValueError("give both crop_h and crop_w, or neither")
-        self.crop = BASE_SIZE if crop_h is None else (int(crop_h), int(crop_w))
-        self.augment = split in TRAIN_SPLITS if augment is None else augment
+        super().__init__(root, split, read_split_file(Path(root), SPLIT_FILE, split),
+                         ("img", "seg", "normal", "depth", "keypoint", "edge"), crop_h, crop_w, BASE_SIZE, augment,
+                         generator)
         self.unlabelled_as_ignore = unlabelled_as_ignore
-        self.generator = generator
         prior = self.root / PRIOR_FILE
         self.class_weights = (
             torch.from_numpy(read_npy(prior, ndim=(1,)).astype(np.float32)) if prior.is_file() else None
         )
 
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def name(self, index: int) -> str:
-        """AdaShare's sample name: the image path with ``/`` replaced by ``-``."""
-        return "-".join(self.groups[index][0].strip().split("/"))
-
     def _map(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
         return resize(t, BASE_SIZE, "nearest")
+
+    def name(self, index: int) -> str:
+        """AdaShare's sample name: the image path with ``/`` replaced by ``-``."""
+        return "-".join(self.groups[index][0].strip().split("/"))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         img_p, seg_p, sn_p, depth_p, kp_p, edge_p = (self.root / p for p in self.groups[index])

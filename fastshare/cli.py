@@ -187,7 +187,9 @@ def _run_options(args: argparse.Namespace):
                       progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _run_trainer(args: argparse.Namespace, prepare: Callable[[Any], None]) -> int:
+    """Build a :class:`~fastshare.train.Trainer` (DDP under torchrun), ``prepare`` it, run it, print the
+    result on the main rank."""
     from fastshare.train import Trainer
     from fastshare.train.distributed import cleanup, init_distributed
 
@@ -195,8 +197,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg.device)
     try:
         trainer = Trainer(cfg, _run_options(args), ctx)
-        if args.resume:
-            trainer.load(args.resume)
+        prepare(trainer)
         result = trainer.run()
         if ctx.is_main:
             print(json.dumps(result, indent=1, default=float))
@@ -205,29 +206,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_retrain(args: argparse.Namespace) -> int:
-    from fastshare.train import Trainer, load_checkpoint
-    from fastshare.train.distributed import cleanup, init_distributed
+def _cmd_train(args: argparse.Namespace) -> int:
+    def prepare(trainer: Any) -> None:
+        if args.resume:
+            trainer.load(args.resume)
 
-    cfg = _load_cfg(args.config)
+    return _run_trainer(args, prepare)
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from fastshare.train import load_checkpoint
+
     ck = load_checkpoint(args.source)
     if ck["trainer"]["phase"] not in ("retrain", "done"):
         raise SystemExit(f"{args.source}: the search has not finished (phase {ck['trainer']['phase']!r}); "
                          f"use `fastshare train --resume {args.source}`, or the `search_done` checkpoint")
-    ctx = init_distributed(cfg.device)
-    try:
-        trainer = Trainer(cfg, _run_options(args), ctx)
+
+    def prepare(trainer: Any) -> None:
         trainer.load(args.source)
         if trainer.state.phase == "done":  # re-train again from the first architecture
             trainer.state.phase, trainer.state.arch, trainer.state.retrain_iter = "retrain", 0, 0
             trainer.state.results = []
             trainer._new_retrain_model(0)
-        result = trainer.run()
-        if ctx.is_main:
-            print(json.dumps(result, indent=1, default=float))
-    finally:
-        cleanup(ctx)
-    return 0
+
+    return _run_trainer(args, prepare)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

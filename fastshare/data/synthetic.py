@@ -77,8 +77,9 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> dict[str,
         disc = b * b - a * (c @ c - r * r)
         with np.errstate(invalid="ignore"):
             t = np.where(disc >= 0, (b - np.sqrt(np.maximum(disc, 0.0))) / a, np.inf)
-        n = (t[..., None] * d - c) / r
-        commit(t, 2, np.where(np.isfinite(t)[..., None], n, 0.0), rng.uniform(0.1, 1.0, 3))
+        hit = np.isfinite(t)[..., None]
+        n = (np.where(hit, t[..., None], 0.0) * d - c) / r  # missed rays: t = inf, normal unused
+        commit(t, 2, np.where(hit, n, 0.0), rng.uniform(0.1, 1.0, 3))
 
     for _ in range(rng.integers(0, 3)):
         size = rng.uniform(0.5, 1.3, 3)

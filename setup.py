@@ -72,6 +72,11 @@ def get_extensions():
         return [CppExtension("fastshare._C", cpu_sources, extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]},
                              extra_link_args=["-fopenmp"])]
 
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "include" / "cuda_runtime.h").is_file():
+        # torch guesses CUDA_HOME from `which nvcc`; an nvcc linked into /usr/local/bin gives /usr/local.
+        raise SystemExit(f"fastshare: building the CUDA kernels needs the toolkit's headers, but CUDA_HOME="
+                         f"{CUDA_HOME!r} has no include/cuda_runtime.h; set CUDA_HOME (e.g. /usr/local/cuda) "
+                         "or FASTSHARE_BUILD_CUDA=0")
     archs = os.environ.get("FASTSHARE_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";")
     gencode = []
     for arch in filter(None, (a.strip() for a in archs)):

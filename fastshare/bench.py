@@ -864,6 +864,16 @@ def _profile(res: CaseResult, fn: Callable[[], object], params: Sequence[torch.T
     res.aten_ops, res.peak_bytes = prof.aten_ops, prof.peak_memory_bytes
 
 
+def _record_timed(res: CaseResult, run: Callable[[Any], object], params: Sequence[torch.Tensor],
+                  device: torch.device, timing: TimingStats, mm_rate: float | None) -> None:
+    """Fill a timed block or step case: profiler counts of one run, its timing, TFLOP/s and % of the
+    measured matmul rate."""
+    _profile(res, lambda: run(None), params, device)
+    res.timing = timing
+    res.tflops = res.flops / (timing.median_ms * 1e-3) / 1e12
+    res.pct_matmul = 100.0 * res.tflops / mm_rate if mm_rate else None
+
+
 def count_step_flops(fn: Callable[[], object], params: Sequence[torch.Tensor], device: torch.device) -> float:
     """FLOPs of one call of ``fn`` (convolutions and matmuls, forward and backward), from the step profiler."""
     from fastshare.profile import profile_step
@@ -995,11 +1005,7 @@ def run_block_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates
                         res.status, res.error = "FAILED", failed[v]
                         results.append(res)
                         continue
-                    run = items[v].run
-                    _profile(res, lambda: run(None), params_list, device)
-                    res.timing = stats[v]
-                    res.tflops = res.flops / (res.timing.median_ms * 1e-3) / 1e12
-                    res.pct_matmul = 100.0 * res.tflops / mm_rate if mm_rate else None
+                    _record_timed(res, items[v].run, params_list, device, stats[v], mm_rate)
                     results.append(res)
     _finish_ratios(results, "sequential", "vs_reference")
     return results
@@ -1129,12 +1135,7 @@ def run_step_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates"
                 res.status, res.error = "FAILED", failed[v]
                 results.append(res)
                 continue
-            run = items[v].run
-            _profile(res, lambda: run(None), params, device)
-            res.timing = stats[v]
-            res.tflops = res.flops / (res.timing.median_ms * 1e-3) / 1e12
-            mm_rate = matmul.get("fp32")
-            res.pct_matmul = 100.0 * res.tflops / mm_rate if mm_rate else None
+            _record_timed(res, items[v].run, params, device, stats[v], matmul.get("fp32"))
             results.append(res)
         del model
     _finish_ratios(results, "sequential", "vs_reference")

@@ -118,6 +118,21 @@ FASTSHARE_ALWAYS_INLINE void fwd_span(const scalar_t* f, const scalar_t* r, scal
   }
 }
 
+// One element of the backward: writes df[j], dr[j] and adds its terms of the two gate-gradient sums.
+template <typename scalar_t, typename a_t>
+FASTSHARE_ALWAYS_INLINE void bwd_element(const scalar_t* d, const scalar_t* f, const scalar_t* r, scalar_t* df,
+                                         scalar_t* dr, int64_t j, a_t g0, a_t g1, a_t& acc0, a_t& acc1) {
+  const a_t dv = static_cast<a_t>(d[j]);
+  const a_t rv = static_cast<a_t>(r[j]);
+  const a_t s = rv + static_cast<a_t>(f[j]);
+  const a_t relu = s < a_t(0) ? a_t(0) : s;
+  const a_t g0m = s > a_t(0) ? g0 : a_t(0);
+  df[j] = static_cast<scalar_t>(g0m * dv);
+  dr[j] = static_cast<scalar_t>((g0m + g1) * dv);
+  acc0 += dv * relu;
+  acc1 += dv * rv;
+}
+
 // df = g0 * m * d; dr = (g0 * m + g1) * d, m = [r + f > 0]; returns sum d * relu(r + f) and sum d * r
 // over the n elements, each summed in kLanes interleaved lanes, lanes combined pairwise.
 template <typename scalar_t, typename a_t>
@@ -128,29 +143,11 @@ FASTSHARE_ALWAYS_INLINE void bwd_span(const scalar_t* d, const scalar_t* f, cons
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const a_t dv = static_cast<a_t>(d[i + l]);
-      const a_t rv = static_cast<a_t>(r[i + l]);
-      const a_t s = rv + static_cast<a_t>(f[i + l]);
-      const bool m = s > a_t(0);
-      const a_t relu = s < a_t(0) ? a_t(0) : s;
-      const a_t g0m = m ? g0 : a_t(0);
-      df[i + l] = static_cast<scalar_t>(g0m * dv);
-      dr[i + l] = static_cast<scalar_t>((g0m + g1) * dv);
-      acc0[l] += dv * relu;
-      acc1[l] += dv * rv;
+      bwd_element(d, f, r, df, dr, i + l, g0, g1, acc0[l], acc1[l]);
     }
   }
   for (int l = 0; i + l < n; ++l) {
-    const a_t dv = static_cast<a_t>(d[i + l]);
-    const a_t rv = static_cast<a_t>(r[i + l]);
-    const a_t s = rv + static_cast<a_t>(f[i + l]);
-    const bool m = s > a_t(0);
-    const a_t relu = s < a_t(0) ? a_t(0) : s;
-    const a_t g0m = m ? g0 : a_t(0);
-    df[i + l] = static_cast<scalar_t>(g0m * dv);
-    dr[i + l] = static_cast<scalar_t>((g0m + g1) * dv);
-    acc0[l] += dv * relu;
-    acc1[l] += dv * rv;
+    bwd_element(d, f, r, df, dr, i + l, g0, g1, acc0[l], acc1[l]);
   }
   for (int width = kLanes / 2; width > 0; width /= 2) {
     for (int l = 0; l < width; ++l) {

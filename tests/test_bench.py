@@ -161,3 +161,44 @@ def test_main_quick_writes_valid_json(tmp_path, monkeypatch):
 
 def test_main_no_match(tmp_path):
     assert bench.main(["--quick", "--device", "cpu", "--filter", "no-such-case", "--out", str(tmp_path)]) == 2
+
+
+def test_step_variants_and_policy():
+    names = [v.name for v in bench.step_variants("policy-stage1", torch.device("cpu"), ["fp32", "bf16cl"], True)]
+    fast = "batched-cpu" if "cpu" in bench.op_backends("cpu", torch.float32)[0] else "batched-reference"
+    assert names == ["sequential", fast, "sequential+bf16cl", f"{fast}+bf16cl"]  # no CUDA graph on the CPU
+    names = [v.name for v in bench.step_variants("inference", torch.device("cpu"), ["fp32"], False)]
+    assert names == ["sequential", "tree"]
+    policy = bench.step_policy(3, 16)
+    assert [torch.nonzero(row == 0).flatten().tolist() for row in policy] == [[6], [9, 10, 11], [5, 10, 11]]
+    assert bench.step_policy(2, 8).shape == (2, 8)
+
+
+def _tiny_step_cfg():
+    cfg = bench.suite_config("cpu", True)
+    cfg.step = {**cfg.step, "image": 33, "batch": 2, "head_width": 16}
+    cfg.step_rounds = 2
+    return cfg
+
+
+def test_step_cases_time_checked_variants():
+    dev = torch.device("cpu")
+    res = bench.run_step_cases(_tiny_step_cfg(), dev, bench.MatmulRates(dev, 64, ["fp32"]),
+                               lambda name: "/policy-stage1/" in name)
+    assert [r.variant.split("-")[0] for r in res] == ["sequential", "batched"]
+    assert all(r.status == "ok" and r.timing.rounds == 2 and r.flops > 0 for r in res)
+    assert res[0].vs_reference == 1.0
+
+
+def test_step_cases_refuse_a_wrong_executor(monkeypatch):
+    from fastshare.executors import batched
+
+    head = batched._head
+    monkeypatch.setattr(batched, "_head", lambda module, h: head(module, h) * 1.001)
+    dev = torch.device("cpu")
+    res = bench.run_step_cases(_tiny_step_cfg(), dev, bench.MatmulRates(dev, 64, ["fp32"]),
+                               lambda name: "/policy-stageL/" in name)
+    status = {r.variant.split("-")[0]: r for r in res}
+    assert status["sequential"].status == "ok"
+    assert status["batched"].status == "FAILED" and "relative error" in status["batched"].error
+    assert status["batched"].timing is None

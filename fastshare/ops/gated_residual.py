@@ -17,6 +17,7 @@ import torch
 from fastshare import reference
 from fastshare._validation import check_gate_args, check_residual_args
 from fastshare.ops import backends
+from fastshare.ops._constants import device_constant
 
 __all__ = ["gated_residual", "gumbel_gate", "deterministic_reductions"]
 
@@ -159,6 +160,14 @@ def _dense_rows(t: torch.Tensor) -> bool:
     return t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _seg_on(seg: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``seg`` on ``device``; a host ``seg`` for a CUDA op becomes a cached device constant (see
+    :mod:`fastshare.ops._constants`: no host-to-device copy per call, CUDA-graph safe)."""
+    if seg.device == device or seg.device.type != "cpu" or torch.compiler.is_compiling():
+        return seg.to(device, non_blocking=True)
+    return device_constant(tuple(int(v) for v in seg.tolist()), torch.int64, device)
+
+
 def gated_residual(f: torch.Tensor, r: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor, tau: float,
                    hard: bool, seg: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Fused Gumbel-gated residual: ``out = y[s,0] * relu(r + f) + y[s,1] * r`` on segment ``s``.
@@ -186,7 +195,7 @@ def gated_residual(f: torch.Tensor, r: torch.Tensor, alpha: torch.Tensor, u: tor
     if not _dense_rows(f) or f.stride() != r.stride():
         # Documented copy: the kernels stream f and r as one flat row-major layout.
         f, r = f.contiguous(), r.contiguous()
-    seg = seg.to(f.device, non_blocking=True)
+    seg = _seg_on(seg, f.device)
     alpha_k = alpha if alpha.dtype in (torch.float32, torch.float64) else alpha.float()
     u_k = u.to(alpha_k.dtype)
     name = _resolve_backend(backend, f.device, f.dtype)

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from fastshare._validation import _data_checks_allowed, check_batch_norm_args
+from fastshare.ops._constants import device_constant
 
 __all__ = ["segmented_batch_norm"]
 
@@ -100,8 +101,8 @@ def _update_stats_op(running_mean: torch.Tensor, running_var: torch.Tensor, save
     m = momentum
     coef = [sum(m * (1 - m) ** (total - (s * repeats + r + 1)) for r in range(repeats)) for s in range(n_seg)]
     counts = [(hi - lo) * values_per_row for lo, hi in zip(bounds[:-1], bounds[1:])]
-    c = torch.tensor(coef, dtype=torch.float64, device=save_mean.device)
-    bessel = torch.tensor([n / max(n - 1, 1) for n in counts], dtype=torch.float64, device=save_mean.device)
+    c, bessel = device_constant((tuple(coef), tuple(n / max(n - 1, 1) for n in counts)), torch.float64,
+                                save_mean.device).unbind(0)
     mean = save_mean.double()
     var = (save_invstd.double().pow(-2) - eps).clamp_min(0) * bessel[:, None]
     decay = (1 - m) ** total

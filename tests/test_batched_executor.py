@@ -71,8 +71,9 @@ def _gates(model: AdaShareNet, mode: str, stage: int | None, hard: bool, u: torc
 
 def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample", stage: int | None = None,
                    hard: bool = False, train: bool = True, steps: int = 1, policy: torch.Tensor | None = None,
-                   out_rtol: float = 1e-10, grad_rtol: float = 1e-9) -> None:
-    """Run ``steps`` optimiser steps on both models and compare everything after each."""
+                   out_rtol: float = 1e-10, grad_rtol: float = 1e-9, device: str = "cpu") -> None:
+    """Run ``steps`` optimiser steps on both models (on ``device``; inputs drawn on the CPU) and compare
+    everything after each."""
     ref.train(train)
     fast.train(train)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
@@ -80,8 +81,8 @@ def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample",
     gen = torch.Generator().manual_seed(1234)
     dtype = ref.logits.dtype
     for step in range(steps):
-        x = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen).to(dtype)
-        u = torch.rand(tuple(ref.logits.shape), generator=gen).clamp_(1e-6, 1 - 1e-6)
+        x = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=gen).to(device=device, dtype=dtype)
+        u = torch.rand(tuple(ref.logits.shape), generator=gen).clamp_(1e-6, 1 - 1e-6).to(device)
         out_ref = ref(x, _gates(ref, mode, stage, hard, u, policy), executor="sequential")
         out_fast = fast(x, _gates(fast, mode, stage, hard, u, policy), executor="batched")
         assert list(out_fast) == list(out_ref)

@@ -85,11 +85,11 @@ def _run_pair(ref, tree, policy, x, train):
     return out_ref, out_tree, loss_ref, loss_tree
 
 
-def _compare_both_modes(backbone, k, policy, dtype, out_tol, grad_tol, x_size=33, seed=0):
-    """Eval mode first (no running-statistics updates), then a training step."""
-    ref = _model(backbone, k, dtype, seed)
+def _compare_both_modes(backbone, k, policy, dtype, out_tol, grad_tol, x_size=33, seed=0, device="cpu"):
+    """Eval mode first (no running-statistics updates), then a training step (on ``device``)."""
+    ref = _model(backbone, k, dtype, seed).to(device)
     tree = copy.deepcopy(ref)
-    x = torch.randn(2, 3, x_size, x_size, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    x = torch.randn(2, 3, x_size, x_size, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
     for train in (False, True):
         outs = _run_pair(ref, tree, policy, x, train)
         _check(ref, tree, policy, *outs, out_tol, grad_tol, train)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastshare import segmented_batch_norm, use_backend
+from fastshare.bench import check_oracle
 from fastshare.reference import segmented_batch_norm_ref
 
 import test_batched_executor as batched_tests
@@ -60,17 +61,41 @@ def test_segmented_batch_norm_cuda(dtype, layout, training):
     assert_close_verbose(rv_cuda, rv_ref, 1e-5, 1e-5, name="running_var")
 
 
+def _policy_step(model, x, u, stage, hard, executor):
+    gates = model.gates("sample", tau=2.0, hard=hard, num_train_layers=stage, u=u)
+    out = model(x, gates, executor=executor)
+    loss = batched_tests._loss(out, model)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [*out.values(), loss.detach()], [p.grad for p in model.parameters()]
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 @pytest.mark.parametrize("stage", [1, 8], ids=["stage1", "stageL"])
 def test_batched_matches_sequential_cuda_float32(stage, hard, backend):
+    """One policy step: the batched executor and the sequential reference, both float32 on CUDA, against a
+    float64 CPU oracle: ``err(batched) <= 2 err(sequential) + floor`` per output and per gradient.
+
+    Not batched-vs-sequential directly: cuDNN picks its algorithms per batch size, and on an H200 the
+    float32 stem-weight gradient of the sequential reference itself differed from the batched one by 4e-3
+    of its largest entry; the float64 oracle says which side the error is on.
+    """
+    oracle_model, _ = batched_tests._pair("resnet18", 3, torch.float64)
     ref, fast = batched_tests._pair("resnet18", 3, torch.float32)
     ref, fast = ref.cuda(), fast.cuda()
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(batched_tests.BATCH, 3, batched_tests.IMAGE, batched_tests.IMAGE, generator=gen)
+    u = torch.rand(tuple(ref.logits.shape), generator=gen).clamp_(1e-6, 1 - 1e-6)
+    outs64, grads64 = _policy_step(oracle_model, x.double(), u.double(), stage, hard, "sequential")
+    outs_ref, grads_ref = _policy_step(ref, x.cuda(), u.cuda(), stage, hard, "sequential")
     with use_backend(backend):
-        # One step, as in the CPU float32 test: after it the two float32 models differ by rounding (the
-        # float64 CPU tests hold the three-step contract).
-        batched_tests._compare_steps(ref, fast, stage=stage, hard=hard, steps=1, out_rtol=1e-5, grad_rtol=1e-4,
-                                     device="cuda")
+        outs_fast, grads_fast = _policy_step(fast, x.cuda(), u.cuda(), stage, hard, "batched")
+    names = [n for n, _ in ref.named_parameters()]
+    for i, (a, b, o) in enumerate(zip(outs_fast, outs_ref, outs64)):
+        check_oracle(f"output {i}", a, b, o, 1e-5)
+    for name, a, b, o in zip(names, grads_fast, grads_ref, grads64):
+        check_oracle(f"grad {name}", a, b, o, 1e-4)
 
 
 @pytest.mark.parametrize("case", ["random", "rejoin", "all_skip"])

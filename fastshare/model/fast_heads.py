@@ -14,7 +14,8 @@ four dilated 3x3 convolutions ``C_in -> W`` (most of the FLOPs), four ``W -> W``
    tap, as in the full convolution, whose other taps see only zeros.
 2. **One matmul for all 1x1 branches.** The branches whose first convolution became 1x1 read the same
    input, so their weights are concatenated into one ``(C_in, n W)`` matrix and applied with one
-   ``addmm`` over the ``N = B h w`` pixel rows (channels_last view, no copy).
+   ``addmm`` over the ``N = B h w`` pixel rows (a view of channels_last features; on CUDA, NCHW float32
+   features are transposed once, since cuDNN's float32 channels_last convolutions are slow).
 3. **Matmuls instead of 1x1 convolutions.** Each ``W -> W`` convolution is an ``addmm`` on its branch's
    column block; the ``W -> classes`` convolutions and the branch sum are one chain of ``addmm`` calls
    accumulating into one ``(N, classes)`` output with the summed bias (``sum_j (H_j W3_j^T + b3_j)``),
@@ -86,7 +87,7 @@ def aspp_head_forward(head: ASPPHead, x: torch.Tensor) -> torch.Tensor:
 
     Args:
         head: an :class:`ASPPHead` (its parameters are used as they are; nothing is copied).
-        x: ``(B, C_in, h, w)`` features, any layout (made channels_last once).
+        x: ``(B, C_in, h, w)`` features, any layout (on the CPU made channels_last once).
 
     Returns:
         ``(B, classes, h, w)`` contiguous, equal to ``head(x)`` up to float rounding when dropout is
@@ -97,7 +98,10 @@ def aspp_head_forward(head: ASPPHead, x: torch.Tensor) -> torch.Tensor:
         return head(x)
     bsz, _, height, width = x.shape
     training = head.training
-    xc = x.contiguous(memory_format=torch.channels_last)
+    # CPU: channels_last (oneDNN's fastest layout here, and the pixel rows become views). CUDA: the
+    # input's own layout, because cuDNN's channels_last kernels are fast in half precision but not in IEEE
+    # float32: on an H200 a float32 step with channels_last dilated head convolutions ran ~10x slower.
+    xc = x if x.is_cuda else x.contiguous(memory_format=torch.channels_last)
     x_rows = _rows(xc)
     pruned = [pruned_dilated_kernel(b.conv1.weight, b.conv1.dilation[0], height, width) for b in branches]
     point = [j for j, (k, _) in enumerate(pruned) if k.shape[2:] == (1, 1)]

@@ -49,13 +49,13 @@ def _segmented_bn_fwd_impl(x, weight, bias, running_mean, running_var, seg, eps,
     Returns ``(out, save_mean, save_invstd)``; with batch statistics the two statistics are ``(S, C)`` in
     float32 (float64 for float64 ``x``), with running statistics they are empty ``(0,)`` tensors.
     """
-    out = torch.empty_like(x)
     sdt = _stat_dtype(x)
     if not use_batch_stats:
-        torch.ops.aten.native_batch_norm.out(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                             out=out, save_mean=x.new_empty((0,), dtype=sdt),
-                                             save_invstd=x.new_empty((0,), dtype=sdt))
+        # Not the out= variant: with running statistics, torch 2.11's CUDA kernel asserts on its empty
+        # save_mean buffer for channels_last inputs (seen on an H200).
+        out = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
         return out, x.new_empty((0,), dtype=sdt), x.new_empty((0,), dtype=sdt)
+    out = torch.empty_like(x)
     bounds = _bounds(seg)
     n_seg, channels = len(bounds) - 1, x.shape[1]
     save_mean = x.new_empty((n_seg, channels), dtype=sdt)

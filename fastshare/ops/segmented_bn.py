@@ -130,10 +130,17 @@ def _segmented_bn_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: Optio
     pdt = weight.dtype if weight is not None else _stat_dtype(x)
     dx = torch.empty_like(x)
     if not use_batch_stats:
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad, x, weight, running_mean, running_var, None,
-                                                               None, False, eps, [True, True, True])
-        dx.copy_(gx)
-        return dx, gw.to(pdt), gb.to(pdt)
+        # The closed form, not native_batch_norm_backward: with running statistics, torch 2.11's CUDA
+        # kernel asserts on the absent save_mean for channels_last inputs (seen on an H200).
+        cdt = _stat_dtype(x)
+        view = (1, channels) + (1,) * (x.ndim - 2)
+        istd = (running_var.to(cdt) + eps).rsqrt()
+        scale = istd if weight is None else istd * weight.to(cdt)
+        g = grad.to(cdt)
+        dx.copy_(g * scale.reshape(view))
+        dims = [0] + list(range(2, x.ndim))
+        dw = (g * (x.to(cdt) - running_mean.to(cdt).reshape(view))).sum(dims) * istd
+        return dx, dw.to(pdt), g.sum(dims).to(pdt)
     dw = x.new_zeros((channels,), dtype=pdt)
     db = x.new_zeros((channels,), dtype=pdt)
     bounds = _bounds(seg)

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -316,6 +317,21 @@ def git_commit(root: Path = REPO_ROOT) -> str:
     return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else "unknown"
 
 
+#: The files whose content decides what a benchmark runs (hashed by :func:`source_digest`).
+SOURCE_GLOBS = ("setup.py", "fastshare/**/*.py", "kernels/**/*.py", "csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu")
+
+
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """SHA-256 over the paths and contents of the :data:`SOURCE_GLOBS` files: identifies the code that ran
+    even where the checkout's ``.git`` does not match its files (a copied working tree, say). Compare with
+    ``python -c "from fastshare.bench import source_digest; print(source_digest())"`` on a checkout."""
+    h = hashlib.sha256()
+    files = sorted({f for g in SOURCE_GLOBS for f in root.glob(g) if f.is_file()})
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _git_dirty(root: Path = REPO_ROOT) -> bool | None:
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -341,6 +357,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
                      if torch.backends.cudnn.is_available() else None},
         "git_commit": git_commit(),
         "git_dirty": _git_dirty(),
+        "source_sha256": source_digest(),
         "machine": {"hostname_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},

@@ -202,3 +202,16 @@ def test_step_cases_refuse_a_wrong_executor(monkeypatch):
     assert status["sequential"].status == "ok"
     assert status["batched"].status == "FAILED" and "relative error" in status["batched"].error
     assert status["batched"].timing is None
+
+
+def test_source_digest_follows_code_not_git(tmp_path):
+    (tmp_path / "fastshare").mkdir()
+    (tmp_path / "fastshare" / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    first = bench.source_digest(tmp_path)
+    assert len(first) == 64 and first == bench.source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("changed, but not code")
+    assert bench.source_digest(tmp_path) == first
+    (tmp_path / "fastshare" / "a.py").write_text("x = 2\n")
+    assert bench.source_digest(tmp_path) != first
+    assert "source_sha256" in bench.environment("cpu")

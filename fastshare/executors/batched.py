@@ -19,10 +19,10 @@ curriculum, warm-up, fixed blocks on which all tasks agree):
    gradient.
 4. **Heads.** Task ``k``'s head runs on its rows through :func:`fastshare.model.fast_heads.aspp_head_forward`
    (exact dilated-tap pruning and fused matmuls), one task after the other. Batching the heads across
-   tasks (their weights differ: a ``bmm`` over ``K`` weight sets for the pruned 1x1 branches, a grouped
-   convolution for the 3x3 ones) is not done yet; a forward-only CPU micro-measurement (K = 3, 16x16,
-   width 1024, 2 threads) had the ``bmm`` about 1.4x faster than the loop of ``addmm`` and the grouped
-   convolution about 1.1-1.3x faster than the loop, before the copy into the grouped layout.
+   tasks (their weights differ: ``baddbmm`` over the K weight sets, a grouped convolution for the 3x3
+   branches) was measured and is slower: forward + backward of K = 3 heads on ``(12, 512, 16, 16)``
+   (width 1024, 2 CPU threads), 1.14-1.16x the loop's time, and 1.20x with only the matmuls batched
+   (``bench/bench_heads_across_tasks.py``). Not measured on a GPU.
 
 Fixed gates follow the same path (the tree executor is the fast path for them); a fixed gate ``(p, 1-p)``
 is applied as ``p * relu(r + F) + (1 - p) * r`` like the reference.

@@ -103,7 +103,7 @@ def get_cmdclass():
 
 setup(
     packages=["fastshare", "fastshare.ops", "fastshare.model", "fastshare.executors",
-              "fastshare.train", "fastshare.data", "fastshare.kernels"],
+              "fastshare.train", "fastshare.data", "fastshare.bench", "fastshare.kernels"],
     package_dir={"fastshare.kernels": "kernels"},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),

@@ -15,22 +15,26 @@ import copy
 import pytest
 import torch
 
-from fastshare import bench
+from fastshare.bench.blocks import block_forward
+from fastshare.bench.common import backward_grads, count_step_flops, data_checks, shape_str
+from fastshare.bench.config import DTYPE_NAMES, DTYPES, suite_config
+from fastshare.bench.op_cases import op_backends
+from fastshare.bench.prepass import ORACLE_FLOOR, check_oracle
 from fastshare.model.backbone import BasicBlock
 from conftest import synced
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_CFG = bench.suite_config(_DEVICE.type, quick=_DEVICE.type == "cpu")
+_CFG = suite_config(_DEVICE.type, quick=_DEVICE.type == "cpu")
 _VARIANTS = ("sequential", "batched-reference", "batched-cpu", "batched-triton", "batched-cuda")
 _ROUNDS = {"cpu": (3, 1), "cuda": (20, 3)}
 
 
 @pytest.fixture(scope="module", params=[(tuple(s), d) for s in _CFG.block_shapes for d in _CFG.block_dtypes],
-                ids=lambda p: f"{bench._shape_str(p[0])}-{p[1]}")
+                ids=lambda p: f"{shape_str(p[0])}-{p[1]}")
 def block_case(request, device):
     """``(block, x, grad, alpha, u, oracle, same-dtype reference)`` of one block shape and dtype."""
     shape, dname = request.param
-    dtype = bench._DTYPES[dname]
+    dtype = DTYPES[dname]
     torch.manual_seed(0)
     block = BasicBlock(shape[1], shape[1]).to(device=device, dtype=dtype).train()
     gen = torch.Generator(device=device).manual_seed(1)
@@ -45,10 +49,10 @@ def block_case(request, device):
 
 
 def _outputs_and_grads(block, variant, x, alpha, u, grad):
-    fn = bench.block_forward(block, variant, _CFG.segments, _CFG.tau, _CFG.hard)
+    fn = block_forward(block, variant, _CFG.segments, _CFG.tau, _CFG.hard)
     xl, al = x.detach().requires_grad_(True), alpha.detach().requires_grad_(True)
     out = fn(xl, al, u)
-    return [out.detach(), *bench._backward(out, [xl, al, *block.parameters()], grad)]
+    return [out.detach(), *backward_grads(out, [xl, al, *block.parameters()], grad)]
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
@@ -57,12 +61,12 @@ def test_gated_block(benchmark, record, matmul_rates, device, block_case, varian
     block, x, grad, alpha, u, oracle, same = block_case
     if variant != "sequential":
         backend = variant.split("-", 1)[1]
-        runnable, skipped = bench.op_backends(device, x.dtype)
+        runnable, skipped = op_backends(device, x.dtype)
         if backend not in runnable:
             pytest.skip(skipped.get(backend, f"{backend} does not run on {device.type}"))
         for a, b, o in zip(_outputs_and_grads(block, variant, x, alpha, u, grad), same, oracle):
-            bench.check_oracle(variant, a, b, o, bench.ORACLE_FLOOR[x.dtype])
-    fn = bench.block_forward(block, variant, _CFG.segments, _CFG.tau, _CFG.hard)
+            check_oracle(variant, a, b, o, ORACLE_FLOOR[x.dtype])
+    fn = block_forward(block, variant, _CFG.segments, _CFG.tau, _CFG.hard)
     params = list(block.parameters())
 
     def run() -> object:
@@ -70,12 +74,12 @@ def test_gated_block(benchmark, record, matmul_rates, device, block_case, varian
             with torch.no_grad():
                 return fn(x, alpha, u)
         xl, al = x.detach().requires_grad_(True), alpha.detach().requires_grad_(True)
-        return bench._backward(fn(xl, al, u), [xl, al, *params], grad)
+        return backward_grads(fn(xl, al, u), [xl, al, *params], grad)
 
-    flops = bench.count_step_flops(run, params, device)
-    dname = bench.DTYPE_NAMES[x.dtype]
-    benchmark.group = f"block/{bench._shape_str(x.shape)}/{dname}/{pass_}"
+    flops = count_step_flops(run, params, device)
+    dname = DTYPE_NAMES[x.dtype]
+    benchmark.group = f"block/{shape_str(x.shape)}/{dname}/{pass_}"
     rounds, warmup = _ROUNDS[device.type]
-    with bench._data_checks(False):
+    with data_checks(False):
         benchmark.pedantic(synced(run, device), rounds=rounds, warmup_rounds=warmup)
     record(flops=flops, tflops_ref=matmul_rates.get(dname))

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from fastshare import bench
+from fastshare.bench.config import SuiteConfig, suite_config
+from fastshare.bench.rates import MatmulRates, gbps, measure_copy_bandwidth
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
@@ -40,21 +41,21 @@ def device() -> torch.device:
 
 
 @pytest.fixture(scope="session")
-def suite(device: torch.device) -> bench.SuiteConfig:
+def suite(device: torch.device) -> SuiteConfig:
     """The shapes and budgets of ``fastshare bench`` for this device (quick on the CPU)."""
-    return bench.suite_config(device.type, quick=device.type == "cpu")
+    return suite_config(device.type, quick=device.type == "cpu")
 
 
 @pytest.fixture(scope="session")
-def copy_bandwidth(device: torch.device, suite: bench.SuiteConfig) -> float:
+def copy_bandwidth(device: torch.device, suite: SuiteConfig) -> float:
     """The device's copy bandwidth in GB/s (bytes read + written), measured once per session."""
-    return bench.measure_copy_bandwidth(device, suite.copy_bytes)
+    return measure_copy_bandwidth(device, suite.copy_bytes)
 
 
 @pytest.fixture(scope="session")
-def matmul_rates(device: torch.device, suite: bench.SuiteConfig) -> bench.MatmulRates:
+def matmul_rates(device: torch.device, suite: SuiteConfig) -> MatmulRates:
     """The device's matmul TFLOP/s per dtype name (measured on first use)."""
-    return bench.MatmulRates(device, suite.matmul_n, suite.matmul_dtypes)
+    return MatmulRates(device, suite.matmul_n, suite.matmul_dtypes)
 
 
 def synced(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
@@ -75,7 +76,7 @@ def record(benchmark, copy_bandwidth: float) -> Callable[..., None]:
         median_ms = benchmark.stats.stats.median * 1e3
         benchmark.extra_info["copy_gbps"] = round(copy_bandwidth, 2)
         if nbytes is not None:
-            rate = bench.gbps(nbytes, median_ms)
+            rate = gbps(nbytes, median_ms)
             benchmark.extra_info.update(bytes=nbytes, gbps=round(rate, 2),
                                         pct_copy_bw=round(100 * rate / copy_bandwidth, 1))
         if flops is not None:

@@ -215,3 +215,10 @@ def test_source_digest_follows_code_not_git(tmp_path):
     (tmp_path / "fastshare" / "a.py").write_text("x = 2\n")
     assert bench.source_digest(tmp_path) != first
     assert "source_sha256" in bench.environment("cpu")
+
+
+def test_matmul_rates_keep_ieee_float32_apart():
+    rates = bench.MatmulRates(torch.device("cpu"), 64, ["fp32"])
+    assert rates.get("fp32", tf32=False) > 0 and rates.get("fp32") > 0
+    assert set(rates.measured) == {"fp32", "fp32-ieee"}
+    assert rates.get("bf16") is None  # not in the config: no rate, no % matmul

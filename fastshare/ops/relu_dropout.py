@@ -21,8 +21,9 @@ tested bit for bit against :func:`relu_dropout_ref`, and ``offset`` places a cal
 (``keep(seed, offset)[i] == keep(seed, 0)[offset + i]``). Products are computed in float32 for
 float32/bfloat16/float16 data (float64 for float64) and rounded once, so outputs match bitwise too.
 
-Layers (STYLE.md §2): the kernel ``csrc/cpu/relu_dropout_cpu.cpp`` (``torch.ops.fastshare_C.relu_dropout_fwd``
-and ``_bwd``) and the pure-PyTorch reference below -> the ops ``fastshare::relu_dropout`` and
+Layers (STYLE.md §2): the kernels ``csrc/cpu/relu_dropout_cpu.cpp`` (``torch.ops.fastshare_C.relu_dropout_fwd``
+and ``_bwd``) and ``kernels/relu_dropout.py`` (Triton: CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and the pure-PyTorch reference below -> the ops ``fastshare::relu_dropout`` and
 ``fastshare::relu_dropout_backward`` (fake + autograd) -> the functional :func:`relu_dropout`.
 
 Why the op differs from the issue's sketch ``relu_dropout(x, p, int seed, int offset, bool training)``: the
@@ -42,7 +43,7 @@ from fastshare.ops import backends
 __all__ = ["relu_dropout", "relu_dropout_ref", "relu_dropout_backward_ref", "dropout_keep_ref"]
 
 _OP = "relu_dropout_fwd"
-_KERNELS = ("reference", "cpu")  # backends that have a relu_dropout kernel
+_KERNELS = ("reference", "cpu", "triton")  # backends that have a relu_dropout kernel
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 
@@ -167,7 +168,20 @@ def _bwd_cpu(grad, mask, p):
     return torch.ops.fastshare_C.relu_dropout_bwd(grad, mask, p)
 
 
-_IMPLS = {"reference": (_fwd_reference, _bwd_reference), "cpu": (_fwd_cpu, _bwd_cpu)}
+def _fwd_triton(x, seed, offset, p):
+    from fastshare.kernels.relu_dropout import relu_dropout_fwd
+
+    return relu_dropout_fwd(x, int(seed), offset, p)  # seed: a CPU tensor, so no device sync
+
+
+def _bwd_triton(grad, mask, p):
+    from fastshare.kernels.relu_dropout import relu_dropout_bwd
+
+    return relu_dropout_bwd(grad, mask, p)
+
+
+_IMPLS = {"reference": (_fwd_reference, _bwd_reference), "cpu": (_fwd_cpu, _bwd_cpu),
+          "triton": (_fwd_triton, _bwd_triton)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,18 +233,18 @@ def _check_p(p: float) -> None:
 
 @torch.compiler.assume_constant_result
 def _resolve_backend(explicit: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """``reference`` or ``cpu``. An explicit request for a backend without a relu_dropout kernel (``cuda``,
-    ``triton``) raises; the same request from :func:`use_backend` or ``FASTSHARE_BACKEND`` (meant for the
-    ops that have those kernels) is resolved as ``auto``, whose reasons :func:`last_fallback_reasons` keeps."""
+    """``reference``, ``cpu`` or ``triton``. ``auto``: CPU tensors -> ``cpu`` (else ``reference``), CUDA
+    tensors -> ``triton`` (``cuda`` has no relu_dropout kernel; else ``reference``). An explicit
+    ``backend="cuda"`` raises; the same request from :func:`use_backend` or ``FASTSHARE_BACKEND`` (meant
+    for the ops that have CUDA kernels) is resolved as ``auto``, whose reasons
+    :func:`last_fallback_reasons` keeps."""
     requested = backends.requested_backend(explicit)
     if requested in _KERNELS:
         return backends.resolve(requested, device, dtype, _OP)
     if explicit is not None and requested != "auto":
         raise backends.BackendUnavailableError(
-            f"backend {requested!r} cannot run relu_dropout: it has kernels for {' and '.join(_KERNELS)} only")
-    if device.type == "cpu":
-        return backends.resolve("auto", device, dtype, _OP)
-    return "reference"
+            f"backend {requested!r} cannot run relu_dropout: it has kernels for {', '.join(_KERNELS)} only")
+    return backends.resolve("auto", device, dtype, _OP)
 
 
 def relu_dropout(x: torch.Tensor, p: float, training: bool = True, *, seed: torch.Tensor | int | None = None,
@@ -238,13 +252,15 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool = True, *, seed: torc
     """``F.dropout(torch.relu(x), p, training)`` in one pass, with a counter-based mask (module docstring).
 
     Args:
-        x: any shape, floating point (the cpu backend: float32, float64, bfloat16; others run the reference).
+        x: any shape, floating point (cpu backend: float32, float64, bfloat16; triton: float32, float16,
+            bfloat16; other dtypes run the reference).
         p: drop probability in ``[0, 1)``.
         training: dropout is applied only when True and ``p > 0``; otherwise this is ``torch.relu(x)``.
         seed: integer in ``[0, 2^32)`` or a one-element int64 CPU tensor; None draws one with
             ``torch.randint`` from torch's default CPU generator (so ``torch.manual_seed`` controls it).
         offset: first counter of the random stream, ``>= 0``.
-        backend: ``auto``, ``reference`` or ``cpu``; None: the context's choice (see ``_resolve_backend``).
+        backend: ``auto``, ``reference``, ``cpu`` or ``triton``; None: the context's choice (see
+            ``_resolve_backend``).
 
     Returns:
         ``keep ? relu(x) / (1 - p) : 0`` with ``x``'s shape and dtype, contiguous (a non-contiguous ``x`` is

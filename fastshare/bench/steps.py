@@ -46,11 +46,6 @@ class StepVariant:
     def eager(self) -> "StepVariant":
         return dataclasses.replace(self, graph=False)
 
-    @property
-    def reference(self) -> "StepVariant":
-        """The sequential reference in this variant's precision (its same-dtype reference)."""
-        return StepVariant("sequential", precision=self.precision)
-
 
 def nyu_example_policy() -> torch.Tensor:
     """The fixed policy the paper's code uses as its 3-task NYU v2 example (ResNet-34, blocks 0..15):

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 
-
 @dataclass
 class SuiteConfig:
     """Shapes and budgets of one suite run (see :func:`suite_config`)."""

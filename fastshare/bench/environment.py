@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 
-
 #: The repository root (``fastshare/bench/environment.py`` -> three levels up).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 
-
 @dataclass(frozen=True)
 class TimingStats:
     """Per-call times in milliseconds and their median, p20 and p80 (linear interpolation)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -58,6 +59,22 @@ def skip_or_fail(backend: str, reason: str) -> None:
     if backend in required_backends():
         pytest.fail(f"backend {backend!r} is required (FASTSHARE_REQUIRE_BACKENDS) but unavailable: {reason}")
     pytest.skip(reason)
+
+
+def require_triton_module() -> None:
+    """At a test module's top: skip the module unless Triton can run here (compiled on a CUDA device, or
+    under ``TRITON_INTERPRET=1``, which must be set before triton is imported); where
+    ``FASTSHARE_REQUIRE_BACKENDS`` names ``triton`` (CI), fail instead."""
+    if importlib.util.find_spec("triton") is None:
+        reason = "triton is not installed"
+    elif not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = ("no CUDA device and TRITON_INTERPRET is not 1: run with TRITON_INTERPRET=1 in the environment "
+                  "(it must be set before triton is imported)")
+    else:
+        return
+    if "triton" in required_backends():
+        pytest.fail(f"FASTSHARE_REQUIRE_BACKENDS requires triton, but: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,29 +11,16 @@ that is an error.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
+from conftest import require_triton_module
+
 pytestmark = pytest.mark.triton
 
-
-def _unavailable_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("no CUDA device and TRITON_INTERPRET is not 1: run with TRITON_INTERPRET=1 in the environment "
-                "(it must be set before triton is imported)")
-    return None
-
-
-_REASON = _unavailable_reason()
-if _REASON is not None:
-    if "triton" in os.environ.get("FASTSHARE_REQUIRE_BACKENDS", ""):
-        pytest.fail(f"FASTSHARE_REQUIRE_BACKENDS requires triton, but: {_REASON}", pytrace=False)
-    pytest.skip(_REASON, allow_module_level=True)
+require_triton_module()
 
 import fastshare  # noqa: E402
 from fastshare import reference  # noqa: E402

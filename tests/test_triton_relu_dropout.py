@@ -8,28 +8,16 @@ kernel rounds bfloat16 to nearest even by hand; these tests hold it to the refer
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
+from conftest import require_triton_module
+
 pytestmark = pytest.mark.triton
 
-
-def _unavailable_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA device and TRITON_INTERPRET is not 1 (it must be set before triton is imported)"
-    return None
-
-
-_REASON = _unavailable_reason()
-if _REASON is not None:
-    if "triton" in os.environ.get("FASTSHARE_REQUIRE_BACKENDS", ""):
-        pytest.fail(f"FASTSHARE_REQUIRE_BACKENDS requires triton, but: {_REASON}", pytrace=False)
-    pytest.skip(_REASON, allow_module_level=True)
+require_triton_module()
 
 from fastshare.kernels import relu_dropout as tk  # noqa: E402
 from fastshare.ops import relu_dropout, use_backend  # noqa: E402

@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastshare.bench.steps import nyu_example_policy
 from fastshare.executors import tree as tree_module
 from fastshare.losses import task_loss
 from fastshare.model import AdaShareNet
@@ -34,15 +35,6 @@ from fastshare.model import AdaShareNet
 ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "5"))
 TASKS = {"seg": 40, "sn": 3, "depth": 1}
 B, SIZE = 4, 128
-
-
-def nyu_policy() -> torch.Tensor:
-    """AdaShare's NYU v2 3-task example: ``(3, 16)`` 0/1, 1 = execute."""
-    policy = torch.ones(3, 16)
-    policy[0, 6] = 0
-    policy[1, [9, 10, 11]] = 0
-    policy[2, [5, 10, 11]] = 0
-    return policy
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def setup():
     targets = {"seg": torch.randint(0, 40, (B, SIZE, SIZE), generator=g),
                "sn": torch.randn(B, 3, SIZE, SIZE, generator=g),
                "depth": torch.rand(B, 1, SIZE, SIZE, generator=g) + 0.1}
-    gates = model.gates("fixed", policy=nyu_policy())
+    gates = model.gates("fixed", policy=nyu_example_policy())
     opt = torch.optim.SGD(model.network_parameters(), lr=1e-6, momentum=0.9)
     return model, x, targets, gates, opt
 
@@ -140,7 +132,7 @@ def test_flops(benchmark, setup):
         counts[name] = total.get_total_flops()
     from fastshare import export
 
-    report = export(model, nyu_policy()).report((B, 3, SIZE, SIZE))
+    report = export(model, nyu_example_policy()).report((B, 3, SIZE, SIZE))
     ratio = counts["tree"] / counts["sequential"]
     benchmark.extra_info.update({
         "flops_sequential": counts["sequential"], "flops_tree": counts["tree"], "flops_ratio": ratio,

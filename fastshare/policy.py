@@ -6,7 +6,7 @@ first ``skip_layer`` blocks always execute); column 0 = execute, column 1 = skip
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,10 +46,11 @@ class Gates:
         alpha: ``(K, Lp, 2)`` logits (sampled blocks only), or None.
         u: ``(K, Lp, 2)`` uniform noise, or None.
         policy: ``(K, L)`` 0/1 float (1 = execute) for fixed gates, or None.
-        policy_rows: the same policy as host integers (read once when the gates are made, so that executors
-            plan without reading device memory, e.g. inside a captured CUDA graph), or None.
         tau: temperature of sampled gates.
         hard: straight-through one-hot sampled gates.
+        policy_rows: derived: ``policy`` as host integers, read once when the gates are made, so that
+            executors plan without reading device memory (e.g. inside a captured CUDA graph); None without
+            a policy.
     """
 
     kinds: tuple[str, ...]
@@ -57,9 +58,14 @@ class Gates:
     alpha: torch.Tensor | None = None
     u: torch.Tensor | None = None
     policy: torch.Tensor | None = None
-    policy_rows: tuple[tuple[int, ...], ...] | None = None
     tau: float = 1.0
     hard: bool = False
+    policy_rows: tuple[tuple[int, ...], ...] | None = field(init=False, default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.policy is not None:
+            rows = tuple(tuple(int(v) for v in row) for row in self.policy.tolist())
+            object.__setattr__(self, "policy_rows", rows)
 
     @property
     def num_blocks(self) -> int:
@@ -115,8 +121,7 @@ class Gates:
         values = policy.detach().to(torch.float32)
         if not bool(((values == 0) | (values == 1)).all()):
             raise ValueError("a fixed policy must hold only 0 (skip) and 1 (execute)")
-        rows = tuple(tuple(int(v) for v in row) for row in values.tolist())
-        return cls((FIXED,) * policy.shape[1], policy.shape[0], policy=values, policy_rows=rows)
+        return cls((FIXED,) * policy.shape[1], policy.shape[0], policy=values)
 
     def block_alpha(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha, u)`` of block ``l`` for all tasks, each ``(K, 2)``."""
@@ -137,10 +142,7 @@ class Gates:
         if kind == FORCED:
             return True
         if kind == FIXED:
-            if self.policy_rows is not None:
-                return len({row[l] for row in self.policy_rows}) == 1
-            col = self.policy[:, l]
-            return bool((col == col[0]).all())
+            return len({row[l] for row in self.policy_rows}) == 1
         return False
 
     def shared_prefix(self) -> int:

@@ -78,8 +78,6 @@ def plan_for_gates(gates: Gates, task_names: tuple[str, ...] | None = None) -> P
             f"block(s) {sampled} have {gates.kinds[sampled[0]]!r} gates; use executor='sequential' or "
             f"'batched' while the policy is being learned")
     values = gates.policy_rows
-    if values is None and gates.policy is not None:
-        values = gates.policy.tolist()  # one device read
     rows = tuple(tuple(1 if kind == FORCED else int(values[k][l] != 0) for l, kind in enumerate(gates.kinds))
                  for k in range(gates.num_tasks))
     names = task_names if task_names is not None else tuple(f"task{k}" for k in range(gates.num_tasks))

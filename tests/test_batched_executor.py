@@ -243,8 +243,10 @@ def test_dropout_runs_in_training():
     assert model.logits.grad is not None and torch.isfinite(model.logits.grad).all()
 
 
+@pytest.mark.parametrize("split", ["never", "always"])
 @pytest.mark.parametrize("size", [(5, 5), (8, 20), (14, 14), (16, 16), (30, 7)])
-def test_fast_aspp_head_matches_module(size):
+def test_fast_aspp_head_matches_module(size, split, monkeypatch):
+    monkeypatch.setenv("FASTSHARE_CONV_SPLIT", split)  # the dilated branches as one conv or split in bands
     torch.manual_seed(0)
     head = ASPPHead(24, 5, width=12, dropout=0.0).double()
     x = torch.randn(2, 24, *size, dtype=torch.float64, requires_grad=True)

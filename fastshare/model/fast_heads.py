@@ -11,7 +11,10 @@ four dilated 3x3 convolutions ``C_in -> W`` (most of the FLOPs), four ``W -> W``
    right columns if ``d >= w``. Dropping them is exact: the kernel becomes ``1x3``, ``3x1`` or ``1x1``
    (centre tap). At output stride 8, a 128x128 image gives 16x16 features, so the ASPP rates 18 and 24
    become 1x1 convolutions (9x fewer FLOPs in those branches) and their gradients reach only the centre
-   tap, as in the full convolution, whose other taps see only zeros.
+   tap, as in the full convolution, whose other taps see only zeros. For ``d < h`` the other branches go
+   through :func:`fastshare.ops.pruned_conv.pruned_conv3x3`, which can also split the output into bands
+   that skip the zero-padding products of the border rows and columns (at 41 x 41 features: 19-63 % of a
+   branch's FLOPs); whether it splits is timed per shape on CUDA and off on the CPU, where it measured slower.
 2. **One matmul for all 1x1 branches.** The branches whose first convolution became 1x1 read the same
    input, so their weights are concatenated into one ``(C_in, n W)`` matrix and applied with one
    ``addmm`` over the ``N = B h w`` pixel rows (a view of channels_last features; on CUDA, NCHW float32
@@ -31,9 +34,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastshare.model.heads import ASPPHead, ClassificationModule
+from fastshare.ops.pruned_conv import pruned_conv3x3, tap_bands
 from fastshare.ops.relu_dropout import relu_dropout
 
 __all__ = ["aspp_head_forward", "pruned_dilated_kernel"]
@@ -52,13 +55,13 @@ def pruned_dilated_kernel(weight: torch.Tensor, dilation: int, height: int, widt
         ``(kernel, padding)``: ``kernel`` is ``weight`` without the rows (if ``d >= h``) and the columns
         (if ``d >= w``) that only ever meet zero padding, a view of ``weight`` of shape
         ``(C_out, C_in, 1 or 3, 1 or 3)``; ``padding`` the matching ``(pad_h, pad_w)`` (0 where pruned).
+        This is :func:`~fastshare.ops.pruned_conv.pruned_conv3x3` with ``split=False``.
     """
     if weight.ndim != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"expected a (C_out, C_in, 3, 3) kernel, got {tuple(weight.shape)}")
-    rows = slice(1, 2) if dilation >= height else slice(0, 3)
-    cols = slice(1, 2) if dilation >= width else slice(0, 3)
-    pad = (0 if dilation >= height else dilation, 0 if dilation >= width else dilation)
-    return weight[:, :, rows, cols], pad
+    (rows,), (cols,) = tap_bands(dilation, height, split=False), tap_bands(dilation, width, split=False)
+    pad = (dilation if rows.first_tap == 0 else 0, dilation if cols.first_tap == 0 else 0)
+    return weight[:, :, rows.taps, cols.taps], pad
 
 
 def _is_standard_branch(branch: ClassificationModule) -> bool:
@@ -103,11 +106,10 @@ def aspp_head_forward(head: ASPPHead, x: torch.Tensor) -> torch.Tensor:
     # float32: on an H200 a float32 step with channels_last dilated head convolutions ran ~10x slower.
     xc = x if x.is_cuda else x.contiguous(memory_format=torch.channels_last)
     x_rows = _rows(xc)
-    pruned = [pruned_dilated_kernel(b.conv1.weight, b.conv1.dilation[0], height, width) for b in branches]
-    point = [j for j, (k, _) in enumerate(pruned) if k.shape[2:] == (1, 1)]
+    point = [j for j, b in enumerate(branches) if b.conv1.dilation[0] >= max(height, width)]
     hidden: list[torch.Tensor | None] = [None] * len(branches)
     if point:
-        w_cat = torch.cat([pruned[j][0].reshape(pruned[j][0].shape[0], -1) for j in point], dim=0)
+        w_cat = torch.cat([branches[j].conv1.weight[:, :, 1, 1] for j in point], dim=0)  # centre taps
         b_cat = torch.cat([branches[j].conv1.bias for j in point], dim=0)
         a_cat = _relu_dropout(torch.addmm(b_cat, x_rows, w_cat.t()), branches[point[0]].dropout, training)
         offset = 0
@@ -115,11 +117,11 @@ def aspp_head_forward(head: ASPPHead, x: torch.Tensor) -> torch.Tensor:
             n = branches[j].conv1.out_channels
             hidden[j] = a_cat[:, offset:offset + n]
             offset += n
-    for j, (kernel, pad) in enumerate(pruned):
+    for j, branch in enumerate(branches):
         if hidden[j] is None:
-            conv = branches[j].conv1
-            a = F.conv2d(xc, kernel, conv.bias, 1, pad, conv.dilation)
-            hidden[j] = _relu_dropout(_rows(a), branches[j].dropout, training)
+            conv = branch.conv1
+            a = pruned_conv3x3(xc, conv.weight, conv.bias, conv.dilation[0])
+            hidden[j] = _relu_dropout(_rows(a), branch.dropout, training)
     out = None
     for j, branch in enumerate(branches):
         c2, c3 = branch.conv2, branch.conv3

@@ -9,9 +9,8 @@ either way) and ``[2, 512, 41, 41]`` in float32, channels_last (oneDNN's layout 
 
 Variants ``split`` and ``padded`` run in one process on the same tensors, alternating round by round; the
 ratio of their medians (``split / padded``: below 1 means the split is faster) and the share of
-multiply-adds the split keeps (``live_fraction``) are printed and stored in ``extra_info``. On CUDA this is
-the measurement behind ``FASTSHARE_CONV_SPLIT=auto``'s per-shape choice; on this project's CPU the split
-measured slower at every multi-region case, which is why ``auto`` does not split CPU tensors.
+multiply-adds the split keeps (``live_fraction``) are printed and stored in ``extra_info``. This is the
+comparison that ``FASTSHARE_CONV_SPLIT=auto`` makes on the first call of each shape.
 
 Run::
 

@@ -6,16 +6,17 @@
 #
 #   1. build the extension with CUDA       (pip install --no-build-isolation -e .)        <= 150 s
 #   2. steps, ResNet-34: policy (curriculum stage 1 and L), re-train, inference at 321x321, B=16, K=3;
-#      sequential vs batched/tree, fp32 and bf16 + channels_last, eager and CUDA-graphed  <= 200 s
+#      sequential vs batched/tree, fp32, tf32 and bf16 + channels_last, eager and graphed  <= 200 s
 #   3. op benchmarks: the issue-3 target shape [48,256,81,81], every op backend           <=  50 s
 #   4. GPU tests               (python -m pytest -m "gpu or triton" tests/: Triton compiled)  <=  90 s
-#   5. steps, ResNet-18 (as 2)                                                             <= 110 s
-#   6. op benchmarks at the other ResNet activation shapes + gated blocks                  <=  90 s
-#   7. summary table printed last
+#   5. the heads' dilated 3x3 convolution split in bands vs padded (bench_pruned_conv.py)  <=  60 s
+#   6. steps, ResNet-18 (as 2)                                                             <= 110 s
+#   7. op benchmarks at the other ResNet activation shapes + gated blocks                  <=  90 s
+#   8. summary table printed last
 #
 # FASTSHARE_SUITE_ONLY="build steps-resnet34 ..." runs only the named steps (in this order).
 #
-# Results: "$OUT/<device-slug>-<date>-{steps-resnet34,target,steps-resnet18,op}.json" ($OUT is set by the
+# Results: "$OUT/<device-slug>-<date>-{steps-resnet34,target,pruned-conv,steps-resnet18,op}.json" ($OUT is set by the
 # runner; default bench/results); every step's log is appended to "$OUT/gpu_suite.log".
 set -u
 cd "$(dirname "$0")/.."
@@ -68,6 +69,8 @@ R="$OUT/$SLUG-$DAY"
 step steps-resnet34 200 python3 -m fastshare.bench --device cuda --filter step/resnet34/ --out "$R-steps-resnet34.json"
 step bench-target 50 python3 -m fastshare.bench --device cuda --filter gr/48x256x81x81 --out "$R-target.json"
 step tests 90 env FASTSHARE_REQUIRE_BACKENDS=cpu,cuda,triton python3 -m pytest -m "gpu or triton" -q -p no:cacheprovider tests/
+step bench-pruned-conv 60 python3 -m pytest bench/bench_pruned_conv.py --benchmark-only -s -q -p no:cacheprovider \
+    --benchmark-json "$R-pruned-conv.json"
 step steps-resnet18 110 python3 -m fastshare.bench --device cuda --filter step/resnet18/ --out "$R-steps-resnet18.json"
 step bench-op 90 python3 -m fastshare.bench --device cuda --filter gr/48x64x81x81 --filter gr/48x128x41x41 \
     --filter gr/48x256x41x41 --filter gr/48x512x41x41 --filter block/ --out "$R-op.json"

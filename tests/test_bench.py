@@ -146,7 +146,12 @@ def test_format_table_marks_failures():
 
 
 def test_main_quick_writes_valid_json(tmp_path, monkeypatch):
+    from fastshare.ops import pruned_conv
+
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("FASTSHARE_CONV_SPLIT", raising=False)
+    key = ("cuda:0", torch.float32, (16, 512, 41, 41), False, (1024, 512, 3, 3), True, 24, True)
+    monkeypatch.setattr(pruned_conv, "split_choice_cache", {key: True})
     out = tmp_path / "res.json"
     rc = bench.main(["--quick", "--device", "cpu", "--filter", "gr/12x64x64x64/fp32/reference/fwd", "--out",
                      str(out)])
@@ -157,6 +162,9 @@ def test_main_quick_writes_valid_json(tmp_path, monkeypatch):
     assert names == ["gr/12x64x64x64/fp32/reference/fwd", "gr/12x64x64x64/fp32/reference/fwd+bwd"]
     assert all(c["status"] == "ok" and c["gbps"] > 0 and c["vs_reference"] == 1.0 for c in doc["cases"])
     assert doc["device"]["type"] == "cpu" and doc["config"]["filter"] == ["gr/12x64x64x64/fp32/reference/fwd"]
+    assert doc["config"]["conv_split"] == {"mode": "auto", "choices": [
+        {"device": "cuda:0", "dtype": "torch.float32", "x_shape": [16, 512, 41, 41], "channels_last": False,
+         "weight_shape": [1024, 512, 3, 3], "bias": True, "dilation": 24, "backward": True, "split": True}]}
 
 
 def test_main_no_match(tmp_path):
@@ -164,9 +172,11 @@ def test_main_no_match(tmp_path):
 
 
 def test_step_variants_and_policy():
-    names = [v.name for v in bench.step_variants("policy-stage1", torch.device("cpu"), ["fp32", "bf16cl"], True)]
+    names = [v.name for v in bench.step_variants("policy-stage1", torch.device("cpu"), ["fp32", "tf32", "bf16cl"],
+                                                 True)]
     fast = "batched-cpu" if "cpu" in bench.op_backends("cpu", torch.float32)[0] else "batched-reference"
-    assert names == ["sequential", fast, "sequential+bf16cl", f"{fast}+bf16cl"]  # no CUDA graph on the CPU
+    # No TF32 and no CUDA graph on the CPU.
+    assert names == ["sequential", fast, "sequential+bf16cl", f"{fast}+bf16cl"]
     names = [v.name for v in bench.step_variants("inference", torch.device("cpu"), ["fp32"], False)]
     assert names == ["sequential", "tree"]
     policy = bench.step_policy(3, 16)

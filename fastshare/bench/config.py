@@ -41,8 +41,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 #: Precisions of the step cases. ``fp32``: IEEE float32 everywhere (cuDNN's TF32 off, as in the
-#: reference); ``bf16cl``: bfloat16 autocast over float32 weights, model and images channels_last.
-STEP_PRECISIONS = ("fp32", "bf16cl")
+#: reference); ``tf32`` (CUDA only): float32 tensors with TF32 tensor-core math in cuDNN and cuBLAS (PyTorch's
+#: default for convolutions); ``bf16cl``: bfloat16 autocast over float32 weights, model and images
+#: channels_last.
+STEP_PRECISIONS = ("fp32", "tf32", "bf16cl")
 
 
 def suite_config(device: str, quick: bool) -> SuiteConfig:

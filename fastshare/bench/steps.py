@@ -89,6 +89,8 @@ def step_variants(step: str, device: torch.device, precisions: Sequence[str], gr
     kernels = [b for b in ("cuda", "triton", "cpu") if b in runnable] or ["reference"]  # fastest first
     out: list[StepVariant] = []
     for p in precisions:
+        if p == "tf32" and device.type != "cuda":
+            continue  # TF32 is a CUDA tensor-core mode; on other devices it would repeat fp32
         out.append(StepVariant("sequential", precision=p))
         if fast_ex == "tree":
             fast = [StepVariant("tree", precision=p)]
@@ -98,6 +100,11 @@ def step_variants(step: str, device: torch.device, precisions: Sequence[str], gr
         if graph and device.type == "cuda":
             out.append(dataclasses.replace(fast[0], graph=True))
     return out
+
+
+#: The pre-pass floor per step precision: TF32 keeps float16's 10-bit mantissa.
+_ORACLE_FLOOR = {"fp32": ORACLE_FLOOR[torch.float32], "tf32": ORACLE_FLOOR[torch.float16],
+                 "bf16cl": ORACLE_FLOOR[torch.bfloat16]}
 
 
 @dataclass
@@ -138,7 +145,8 @@ def _step_model(sc: Mapping[str, Any], backbone: str, step: str, device: torch.d
 @contextlib.contextmanager
 def _precision(precision: str, device: torch.device, graph: bool = False) -> Iterator[None]:
     """``fp32``: TF32 off in cuDNN and matmuls (IEEE float32, like the float64 oracle's arithmetic);
-    ``bf16cl``: bfloat16 autocast (its cast cache off inside a CUDA graph capture, as PyTorch advises)."""
+    ``tf32``: TF32 on in both; ``bf16cl``: bfloat16 autocast (its cast cache off inside a CUDA graph
+    capture, as PyTorch advises)."""
     if precision == "bf16cl":
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph):
             yield
@@ -146,10 +154,11 @@ def _precision(precision: str, device: torch.device, graph: bool = False) -> Ite
     if device.type != "cuda":
         yield
         return
+    tf32 = precision == "tf32"
     old_mm = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_mm
@@ -261,8 +270,7 @@ def _run_step_group(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates
                 got = _step_call(sm, step, v)
             if v.executor != "sequential":
                 for lab, a, b, o in zip(labels, got, refs[v.precision], oracle):
-                    check_oracle(lab, a, b, o, ORACLE_FLOOR[torch.bfloat16 if v.precision == "bf16cl"
-                                                           else torch.float32])
+                    check_oracle(lab, a, b, o, _ORACLE_FLOOR[v.precision])
         except PrepassError as exc:
             failed[v] = ("FAILED", str(exc))
         except Exception as exc:  # an executor or a capture that crashes is reported, the suite goes on
@@ -290,6 +298,7 @@ def _run_step_group(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates
             # Counters come from the eager run (a graph replay dispatches no ATen ops to count).
             sm, eager = models[v.precision], v.eager
             record_timed(res, lambda _: _step_call(sm, step, eager), sm.params, device, stats[v],
-                         matmul.get("bf16") if v.precision == "bf16cl" else matmul.get("fp32", tf32=False))
+                         matmul.get("bf16") if v.precision == "bf16cl"
+                         else matmul.get("fp32", tf32=v.precision == "tf32"))
         results.append(res)
     return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ from fastshare.bench.op_cases import run_op_cases
 from fastshare.bench.rates import MatmulRates, measure_copy_bandwidth
 from fastshare.bench.results import CaseResult, default_results_path, format_table, write_results
 from fastshare.bench.steps import run_step_cases
+from fastshare.ops.pruned_conv import split_choices
 
 
 def run_suite(cfg: SuiteConfig, filters: Sequence[str] | None = None,
@@ -81,14 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = default_results_path(device, root=path)
     config = {**dataclasses.asdict(cfg), "filter": args.filter, "step_fp32_tf32": False}
 
+    def run_config(partial: bool) -> dict[str, Any]:
+        # The fast heads' split choices are made while the steps run (timed per shape on CUDA).
+        return {**config, "partial": partial,
+                "conv_split": {"mode": os.environ.get("FASTSHARE_CONV_SPLIT", "auto"), "choices": split_choices()}}
+
     def partial(rates: dict[str, Any], done: list[CaseResult], skipped: dict[str, str]) -> None:
-        write_results(path, env, {**config, "partial": True}, rates, done, skipped)
+        write_results(path, env, run_config(True), rates, done, skipped)
 
     rates, results, skipped = run_suite(cfg, args.filter, progress=partial)
     if not results:
         log(f"fastshare bench: no case matches --filter {' / '.join(args.filter or [])!r}")
         return 2
-    write_results(path, env, {**config, "partial": False}, rates, results, skipped)
+    write_results(path, env, run_config(False), rates, results, skipped)
     print(f"device: {env['device']['name']} | torch {env['versions']['torch']} | commit {env['git_commit'][:12]}"
           f" | copy {rates['copy_gbps']:.1f} GB/s" + "".join(
               f" | {d} matmul {v:.2f} TFLOP/s" for d, v in rates.get("matmul_tflops", {}).items()))

@@ -14,7 +14,8 @@ four dilated 3x3 convolutions ``C_in -> W`` (most of the FLOPs), four ``W -> W``
    tap, as in the full convolution, whose other taps see only zeros. For ``d < h`` the other branches go
    through :func:`fastshare.ops.pruned_conv.pruned_conv3x3`, which can also split the output into bands
    that skip the zero-padding products of the border rows and columns (at 41 x 41 features: 19-63 % of a
-   branch's FLOPs); whether it splits is timed per shape on CUDA and off on the CPU, where it measured slower.
+   branch's FLOPs), one matmul per band region; whether it splits is timed once per shape
+   (``FASTSHARE_CONV_SPLIT``).
 2. **One matmul for all 1x1 branches.** The branches whose first convolution became 1x1 read the same
    input, so their weights are concatenated into one ``(C_in, n W)`` matrix and applied with one
    ``addmm`` over the ``N = B h w`` pixel rows (a view of channels_last features; on CUDA, NCHW float32

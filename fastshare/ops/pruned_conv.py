@@ -10,26 +10,33 @@ into at most three **bands** of positions that read the same taps::
     2 d <= n:    [0, d) taps 1-2,  [d, n - d) taps 0-2,  [n - d, n) taps 0-1
     d < n < 2d:  [0, n - d) taps 1-2,  [n - d, d) tap 1,  [d, n) taps 0-1
 
-and the output into (row band) x (column band) regions, each an ordinary unpadded convolution of an input crop
-with the matching sub-kernel ``W[:, :, taps_r, taps_c]``. The result is the padded convolution exactly (the
-same products, summed in another order) at a fraction of its FLOPs: :func:`live_tap_fraction`, 0.81, 0.65,
-0.50, 0.37 for the four rates at 41 x 41, 0.56, 0.25, 1/9, 1/9 at 16 x 16.
+and the output into (row band) x (column band) regions. Each region is one matmul: its ``M = B h_r w_r``
+pixels, each with the inputs of its ``T`` live taps side by side (an im2col of ``T`` shifted crops,
+``(M, T C_in)``), times those taps' weights ``(T C_in, C_out)``. The result is the padded convolution exactly
+(the same products, summed in another order) at a fraction of its FLOPs: :func:`live_tap_fraction`, 0.81,
+0.65, 0.50, 0.37 for the four rates at 41 x 41, 0.56, 0.25, 1/9, 1/9 at 16 x 16. Backward: per region,
+``grad_W_taps = G^T cols`` and ``grad_cols = G W_taps``, scatter-added back onto the taps' crops.
 
-Whether that is faster depends on the convolution library: the regions are smaller convolutions (up to 9 of
-them, the corner ones tiny), each of whose input crops is copied. On this project's 2-core CPU (oneDNN) the
-split ran 1.3-2.9x *slower* than the one padded convolution for every multi-region case measured (16 x 16
-and 41 x 41, ``bench/bench_pruned_conv.py``), so :func:`pruned_conv3x3` decides per call site:
+Whether that is faster depends on the convolution library and the shape: up to 9 matmuls (the corner ones
+small) plus the im2col copies, against one convolution kernel that may already skip some padding itself.
+On this project's 2-core CPU (oneDNN; ``bench/bench_pruned_conv.py``, forward + backward, float32) the split
+took 0.61x the padded convolution's time at 16 x 16, rate 12 and 0.73x at 41 x 41, rate 24, but 1.3-2.1x at
+the other rates. So :func:`pruned_conv3x3` decides per call site:
 
 - ``split=False``: one convolution; only axes with ``d >= n`` drop their outer taps (a single band, so still
   one convolution, always faster: the kernel shrinks to ``1x3``, ``3x1`` or ``1x1``);
-- ``split=True``: the band regions above;
-- ``split=None`` (default): ``FASTSHARE_CONV_SPLIT`` = ``auto`` (default: CUDA tensors are timed once per
-  shape, both ways, forward and backward, and the faster kept; CPU tensors do not split), ``tune`` (time on any
-  device), ``always`` or ``never``.
+- ``split=True``: the band regions above (one convolution where there is a single region);
+- ``split=None`` (default): ``FASTSHARE_CONV_SPLIT`` = ``auto`` (default: the first call of each shape times
+  both, forward and also backward when a gradient is wanted, best of 3 after a warm-up, and keeps the
+  faster for that shape; a compiled graph or a CUDA-graph capture cannot time and reuses an eager call's
+  choice, else does not split), ``always`` or ``never``.
 
-Layers: the reference is ``F.conv2d`` with padding ``d`` (the spec); the op ``fastshare::pruned_conv3x3`` and
-its backward ``fastshare::pruned_conv3x3_backward`` (fake + autograd; they run ATen convolutions, so they
-serve every device) -> the functional :func:`pruned_conv3x3`.
+The split's output (and its input gradient) is channels_last whatever ``x``'s layout: the matmuls write
+pixel rows, which is also the layout the fast heads read next.
+
+Layers: the reference is ``F.conv2d`` with padding ``d`` (the spec); the ops ``fastshare::pruned_conv3x3``
+(the split) and ``fastshare::pruned_conv3x3_backward`` (fake + autograd; ATen matmuls, so every device) ->
+the functional :func:`pruned_conv3x3`.
 """
 
 from __future__ import annotations
@@ -42,9 +49,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TapBand", "tap_bands", "live_tap_fraction", "pruned_conv3x3", "split_choice_cache"]
+__all__ = ["TapBand", "tap_bands", "live_tap_fraction", "pruned_conv3x3", "split_choice_cache", "split_choices"]
 
-SPLIT_MODES = ("auto", "tune", "always", "never")
+SPLIT_MODES = ("auto", "always", "never")
 _ENV = "FASTSHARE_CONV_SPLIT"
 
 
@@ -98,83 +105,111 @@ def _check_dilation(dilation: int) -> None:
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
-    """The output layout: channels_last for a channels_last ``x`` (as ``F.conv2d`` does), else NCHW."""
+    """The layout of the one-convolution path's output, as ``F.conv2d`` gives it (used in the tuning key)."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
 
-def _regions(x: torch.Tensor, dilation: int, split: bool):
-    """``(out_rows, out_cols, in_rows, in_cols, taps_r, taps_c, pad)`` per output region."""
-    height, width = x.shape[2:]
-    for rb in tap_bands(dilation, height, split):
-        r_lo, r_hi = rb.input_span(dilation)
-        for cb in tap_bands(dilation, width, split):
-            c_lo, c_hi = cb.input_span(dilation)
-            # A padded band (split=False, d < n) reads [-d, n + d): padding d, the whole axis.
-            pad = (max(0, -r_lo), max(0, -c_lo))
-            yield (slice(rb.start, rb.stop), slice(cb.start, cb.stop), slice(max(r_lo, 0), min(r_hi, height)),
-                   slice(max(c_lo, 0), min(c_hi, width)), rb.taps, cb.taps, pad)
+@dataclasses.dataclass(frozen=True)
+class _Region:
+    """One output region ``[rows, cols]`` of the split and its taps ``(ty, tx, input rows, input cols)``."""
+
+    rows: slice
+    cols: slice
+    taps: tuple[tuple[int, int, slice, slice], ...]
+
+
+def _split_regions(height: int, width: int, dilation: int) -> list[_Region]:
+    def shifted(band: TapBand, tap: int) -> slice:
+        return slice(band.start + (tap - 1) * dilation, band.stop + (tap - 1) * dilation)
+
+    return [_Region(slice(rb.start, rb.stop), slice(cb.start, cb.stop),
+                    tuple((ty, tx, shifted(rb, ty), shifted(cb, tx))
+                          for ty in range(rb.first_tap, rb.stop_tap) for tx in range(cb.first_tap, cb.stop_tap)))
+            for rb in tap_bands(dilation, height) for cb in tap_bands(dilation, width)]
+
+
+def _pixel_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w) -> (B, h, w, C)``, contiguous (a view when ``t`` is channels_last)."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _empty_nhwc(like: torch.Tensor, bsz: int, channels: int, height: int, width: int, zero: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A channels_last ``(B, C, h, w)`` tensor and its ``(B, h, w, C)`` view."""
+    make = torch.zeros if zero else torch.empty
+    rows = make((bsz, height, width, channels), dtype=like.dtype, device=like.device)
+    return rows.permute(0, 3, 1, 2), rows
+
+
+def _im2col(x_rows: torch.Tensor, region: _Region) -> torch.Tensor:
+    """``(M, T C_in)``: the region's pixels (``M = B h_r w_r``), each with the ``T`` live taps' inputs."""
+    cols = torch.cat([x_rows[:, r, c, :] for _, _, r, c in region.taps], dim=-1)
+    return cols.reshape(-1, cols.shape[-1])
+
+
+def _tap_matrix(weight: torch.Tensor, region: _Region) -> torch.Tensor:
+    """``(C_out, T C_in)``: the live taps' weights, in :func:`_im2col`'s order."""
+    return torch.cat([weight[:, :, ty, tx] for ty, tx, _, _ in region.taps], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Registered ops (multi-region plans; a one-region plan is a plain F.conv2d, differentiated by ATen).
-
-def _no_autocast(device: torch.device):
-    return torch.autocast(device.type, enabled=False)
-
+# Registered ops: the split, each region one matmul over its live taps (im2col of a few shifted crops).
 
 @torch.library.custom_op("fastshare::pruned_conv3x3", mutates_args=())
-def _pruned_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,
-                       split: bool) -> torch.Tensor:
+def _pruned_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int
+                       ) -> torch.Tensor:
     bsz, _, height, width = x.shape
-    out = torch.empty((bsz, weight.shape[0], height, width), dtype=x.dtype, device=x.device,
-                      memory_format=_layout(x))
-    with _no_autocast(x.device):
-        for out_r, out_c, in_r, in_c, taps_r, taps_c, pad in _regions(x, dilation, split):
-            out[:, :, out_r, out_c] = F.conv2d(x[:, :, in_r, in_c], weight[:, :, taps_r, taps_c], bias, 1, pad,
-                                               dilation)
+    out, out_rows = _empty_nhwc(x, bsz, weight.shape[0], height, width)
+    x_rows = _pixel_rows(x)
+    for region in _split_regions(height, width, dilation):
+        cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)
+        res = torch.mm(cols, w_taps.t()) if bias is None else torch.addmm(bias, cols, w_taps.t())
+        out_rows[:, region.rows, region.cols, :] = res.view(bsz, region.rows.stop - region.rows.start,
+                                                            region.cols.stop - region.cols.start, -1)
     return out
 
 
 @_pruned_conv3x3_op.register_fake
-def _(x, weight, bias, dilation, split):
-    bsz, _, height, width = x.shape
-    return torch.empty((bsz, weight.shape[0], height, width), dtype=x.dtype, device=x.device,
-                       memory_format=_layout(x))
+def _(x, weight, bias, dilation):
+    return _empty_nhwc(x, x.shape[0], weight.shape[0], x.shape[2], x.shape[3])[0]
 
 
 @torch.library.custom_op("fastshare::pruned_conv3x3_backward", mutates_args=())
-def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
-                                split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_x = torch.zeros_like(x, memory_format=_layout(x))
-    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    with _no_autocast(x.device):
-        for out_r, out_c, in_r, in_c, taps_r, taps_c, pad in _regions(x, dilation, split):
-            g_x, g_w, _ = torch.ops.aten.convolution_backward(
-                grad[:, :, out_r, out_c], x[:, :, in_r, in_c], weight[:, :, taps_r, taps_c], None, [1, 1],
-                list(pad), [dilation, dilation], False, [0, 0], 1, [True, True, False])
-            grad_x[:, :, in_r, in_c] += g_x
-            grad_w[:, :, taps_r, taps_c] += g_w
+def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bsz, c_in, height, width = x.shape
+    grad_x, grad_x_rows = _empty_nhwc(x, bsz, c_in, height, width, zero=True)
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    x_rows, grad_rows = _pixel_rows(x), _pixel_rows(grad)
+    for region in _split_regions(height, width, dilation):
+        cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)
+        g = grad_rows[:, region.rows, region.cols, :].reshape(-1, grad.shape[1])  # (M, C_out)
+        g_w = torch.mm(g.t(), cols)  # (C_out, T C_in)
+        g_cols = torch.mm(g, w_taps).view(bsz, region.rows.stop - region.rows.start,
+                                          region.cols.stop - region.cols.start, len(region.taps), c_in)
+        for i, (ty, tx, r, c) in enumerate(region.taps):
+            grad_w[:, :, ty, tx] += g_w[:, i * c_in:(i + 1) * c_in]
+            grad_x_rows[:, r, c, :] += g_cols[:, :, :, i, :]
     return grad_x, grad_w, grad.sum(dim=(0, 2, 3))
 
 
 @_pruned_conv3x3_backward_op.register_fake
-def _(grad, x, weight, dilation, split):
-    return (torch.empty_like(x, memory_format=_layout(x)), torch.empty_like(weight, memory_format=torch.contiguous_format),
-            grad.new_empty((grad.shape[1],)))
+def _(grad, x, weight, dilation):
+    return (_empty_nhwc(x, *x.shape)[0], weight.new_empty(weight.shape), grad.new_empty((grad.shape[1],)))
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, dilation, split = inputs
+    x, weight, bias, dilation = inputs
     ctx.save_for_backward(x, weight)
-    ctx.dilation, ctx.split, ctx.has_bias = dilation, split, bias is not None
+    ctx.dilation, ctx.has_bias = dilation, bias is not None
 
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _pruned_conv3x3_backward_op(grad, x, weight, ctx.dilation, ctx.split)
-    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
+    grad_x, grad_w, grad_b = _pruned_conv3x3_backward_op(grad, x, weight, ctx.dilation)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None
 
 
 _pruned_conv3x3_op.register_autograd(_backward, setup_context=_setup)
@@ -183,8 +218,15 @@ _pruned_conv3x3_op.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------------------------------
 # Choosing split per call site.
 
-#: ``key -> split`` for every shape timed so far (``FASTSHARE_CONV_SPLIT`` = auto or tune).
+#: ``key -> split`` for every shape timed so far (``FASTSHARE_CONV_SPLIT=auto``).
 split_choice_cache: dict[tuple, bool] = {}
+
+
+def split_choices() -> list[dict[str, object]]:
+    """The choices made so far, JSON-ready (for benchmark result files): one dict per timed shape."""
+    names = ("device", "dtype", "x_shape", "channels_last", "weight_shape", "bias", "dilation", "backward")
+    return [{**{n: (str(v) if n == "dtype" else v) for n, v in zip(names, key)}, "split": split}
+            for key, split in split_choice_cache.items()]
 
 
 def _split_mode() -> str:
@@ -223,10 +265,8 @@ def _time_split(run: Callable[[bool], None], device: torch.device, repeats: int 
 def _choose_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,
                   timer: Callable[..., dict[bool, float]] = _time_split) -> bool:
     mode = _split_mode()
-    if mode in ("always", "never"):
+    if mode != "auto":
         return mode == "always"
-    if mode == "auto" and x.device.type != "cuda":
-        return False
     backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     key = (str(x.device), x.dtype, tuple(x.shape), _layout(x) == torch.channels_last, tuple(weight.shape),
            bias is not None, dilation, backward)
@@ -252,11 +292,12 @@ def _choose_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, split: bool
           ) -> torch.Tensor:
-    regions = list(_regions(x, dilation, split))
-    if len(regions) == 1:
-        _, _, _, _, taps_r, taps_c, pad = regions[0]
-        return F.conv2d(x, weight[:, :, taps_r, taps_c], bias, 1, pad, dilation)
-    return _pruned_conv3x3_op(x, weight, bias, dilation, split)
+    height, width = x.shape[2:]
+    (rows,), (cols,) = tap_bands(dilation, height, split=False), tap_bands(dilation, width, split=False)
+    if split and (rows.first_tap == 0 or cols.first_tap == 0):  # some axis has more than one band
+        return _pruned_conv3x3_op(x, weight, bias, dilation)
+    pad = (dilation if rows.first_tap == 0 else 0, dilation if cols.first_tap == 0 else 0)
+    return F.conv2d(x, weight[:, :, rows.taps, cols.taps], bias, 1, pad, dilation)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

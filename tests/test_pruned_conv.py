@@ -106,6 +106,17 @@ def test_matches_padded_conv_low_precision(h, w, d, dtype):
     _check_against_conv2d(x, weight, b, d, True, atol * 7, rtol * 7)
 
 
+def test_output_rows_can_be_modified_in_place():
+    # The fast heads apply relu_ to the output's pixel-row view (a custom op may not return a view for that).
+    x, weight, b = _inputs(16, 16, 6)
+    w_leaf, w_ref = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = pruned_conv3x3(x, w_leaf, b, 6, split=True)
+    rows = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    torch.relu_(rows).sum().backward()
+    torch.relu(F.conv2d(x, w_ref, b, 1, 6, 6)).sum().backward()
+    assert_close_verbose(w_leaf.grad, w_ref.grad, 1e-10, 1e-10, "grad through relu_")
+
+
 def test_without_bias():
     x, weight, _ = _inputs(16, 16, 6, bias=False)
     _check_against_conv2d(x, weight, None, 6, True, 1e-12, 1e-10)

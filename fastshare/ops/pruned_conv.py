@@ -137,10 +137,12 @@ def _pixel_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _empty_nhwc(like: torch.Tensor, bsz: int, channels: int, height: int, width: int, zero: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A channels_last ``(B, C, h, w)`` tensor and its ``(B, h, w, C)`` view."""
-    make = torch.zeros if zero else torch.empty
-    rows = make((bsz, height, width, channels), dtype=like.dtype, device=like.device)
-    return rows.permute(0, 3, 1, 2), rows
+    """A channels_last ``(B, C, h, w)`` tensor (not a view: the ops return it) and its ``(B, h, w, C)`` view."""
+    t = torch.empty((bsz, channels, height, width), dtype=like.dtype, device=like.device,
+                    memory_format=torch.channels_last)
+    if zero:
+        t.zero_()
+    return t, t.permute(0, 2, 3, 1)
 
 
 def _im2col(x_rows: torch.Tensor, region: _Region) -> torch.Tensor:

@@ -64,6 +64,20 @@ def test_live_tap_fraction_counts_the_products_that_touch_the_input():
     assert [round(live_tap_fraction(d, 41, 41), 2) for d in (6, 12, 18, 24)] == [0.81, 0.65, 0.5, 0.37]
 
 
+def test_flop_counter_sees_the_live_fraction_of_the_padded_convolution():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> int:
+        x, weight, b = (t.requires_grad_() for t in _inputs(16, 16, 12, dtype=torch.float32))
+        with FlopCounterMode(display=False) as counter:
+            fn(x, weight, b).sum().backward()
+        return counter.get_total_flops()
+
+    padded = count(lambda x, w, b: F.conv2d(x, w, b, 1, 12, 12))
+    split = count(lambda x, w, b: pruned_conv3x3(x, w, b, 12, split=True))
+    assert split == pytest.approx(padded * live_tap_fraction(12, 16, 16)) and split == padded / 4
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward and backward against F.conv2d.
 

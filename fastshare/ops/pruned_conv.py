@@ -48,6 +48,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["TapBand", "tap_bands", "live_tap_fraction", "pruned_conv3x3", "split_choice_cache", "split_choices"]
 
@@ -215,6 +216,25 @@ def _backward(ctx, grad):
 
 
 _pruned_conv3x3_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _split_flops(x_shape, weight_shape, dilation: int) -> int:
+    """Multiply-adds x 2 of the split: the padded convolution's, times :func:`live_tap_fraction`."""
+    bsz, c_in, height, width = x_shape
+    live = sum((rb.stop - rb.start) * (rb.stop_tap - rb.first_tap) for rb in tap_bands(dilation, height)) * sum(
+        (cb.stop - cb.start) * (cb.stop_tap - cb.first_tap) for cb in tap_bands(dilation, width))
+    return 2 * bsz * weight_shape[0] * c_in * live
+
+
+# FlopCounterMode (fastshare.profile, the benchmarks) sees the ops, not the matmuls inside them.
+@register_flop_formula(torch.ops.fastshare.pruned_conv3x3)
+def _(x_shape, weight_shape, bias_shape, dilation, *args, out_shape=None, **kwargs) -> int:
+    return _split_flops(x_shape, weight_shape, dilation)
+
+
+@register_flop_formula(torch.ops.fastshare.pruned_conv3x3_backward)
+def _(grad_shape, x_shape, weight_shape, dilation, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _split_flops(x_shape, weight_shape, dilation)  # the input and the weight gradients
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -173,6 +173,16 @@ def test_autocast_casts_like_conv2d():
     assert_close_verbose(got, ref, 0.1, 2e-2, "autocast output")
 
 
+def test_op_keeps_its_inputs_dtype_under_autocast():
+    # Called directly (not through the functional, which casts first), the op must not let autocast change
+    # its output dtype: its fake says the inputs' dtype.
+    x, weight, b = _inputs(16, 16, 6, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.ops.fastshare.pruned_conv3x3(x, weight, b, 6)
+    assert out.dtype == torch.float32
+    assert_close_verbose(out, F.conv2d(x, weight, b, 1, 6, 6), 1e-4, 1e-5, "op under autocast")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input.
 

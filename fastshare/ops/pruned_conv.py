@@ -157,6 +157,10 @@ def _tap_matrix(weight: torch.Tensor, region: _Region) -> torch.Tensor:
     return torch.cat([weight[:, :, ty, tx] for ty, tx, _, _ in region.taps], dim=1)
 
 
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Registered ops: the split, each region one matmul over its live taps (im2col of a few shifted crops).
 
@@ -166,11 +170,12 @@ def _pruned_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     bsz, _, height, width = x.shape
     out, out_rows = _empty_nhwc(x, bsz, weight.shape[0], height, width)
     x_rows = _pixel_rows(x)
-    for region in _split_regions(height, width, dilation):
-        cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)
-        res = torch.mm(cols, w_taps.t()) if bias is None else torch.addmm(bias, cols, w_taps.t())
-        out_rows[:, region.rows, region.cols, :] = res.view(bsz, region.rows.stop - region.rows.start,
-                                                            region.cols.stop - region.cols.start, -1)
+    with _no_autocast(x.device):  # the functional casts first; here the inputs' dtype is the output's
+        for region in _split_regions(height, width, dilation):
+            cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)
+            res = torch.mm(cols, w_taps.t()) if bias is None else torch.addmm(bias, cols, w_taps.t())
+            out_rows[:, region.rows, region.cols, :] = res.view(bsz, region.rows.stop - region.rows.start,
+                                                                region.cols.stop - region.cols.start, -1)
     return out
 
 
@@ -186,15 +191,16 @@ def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: tor
     grad_x, grad_x_rows = _empty_nhwc(x, bsz, c_in, height, width, zero=True)
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     x_rows, grad_rows = _pixel_rows(x), _pixel_rows(grad)
-    for region in _split_regions(height, width, dilation):
-        cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)
-        g = grad_rows[:, region.rows, region.cols, :].reshape(-1, grad.shape[1])  # (M, C_out)
-        g_w = torch.mm(g.t(), cols)  # (C_out, T C_in)
-        g_cols = torch.mm(g, w_taps).view(bsz, region.rows.stop - region.rows.start,
-                                          region.cols.stop - region.cols.start, len(region.taps), c_in)
-        for i, (ty, tx, r, c) in enumerate(region.taps):
-            grad_w[:, :, ty, tx] += g_w[:, i * c_in:(i + 1) * c_in]
-            grad_x_rows[:, r, c, :] += g_cols[:, :, :, i, :]
+    with _no_autocast(x.device):
+        for region in _split_regions(height, width, dilation):
+            cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)  # recomputed, not saved
+            g = grad_rows[:, region.rows, region.cols, :].reshape(-1, grad.shape[1])  # (M, C_out)
+            g_w = torch.mm(g.t(), cols)  # (C_out, T C_in)
+            g_cols = torch.mm(g, w_taps).view(bsz, region.rows.stop - region.rows.start,
+                                              region.cols.stop - region.cols.start, len(region.taps), c_in)
+            for i, (ty, tx, r, c) in enumerate(region.taps):
+                grad_w[:, :, ty, tx] += g_w[:, i * c_in:(i + 1) * c_in]
+                grad_x_rows[:, r, c, :] += g_cols[:, :, :, i, :]
     return grad_x, grad_w, grad.sum(dim=(0, 2, 3))
 
 

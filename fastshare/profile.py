@@ -98,7 +98,7 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
 
 
 def profile_step(step: Callable[[], object], params: Iterable[torch.Tensor] = (), device: torch.device | str = "cpu",
-                 timed_runs: int = 0) -> StepProfile:
+                 timed_runs: int = 0, warmup: int = 0) -> StepProfile:
     """Run ``step()`` once under the instruments (and ``timed_runs`` times without) and report its cost.
 
     Args:
@@ -106,7 +106,15 @@ def profile_step(step: Callable[[], object], params: Iterable[torch.Tensor] = ()
         params: the model's parameters (their saved storages are reported apart).
         device: the device the step runs on (CUDA enables the peak-memory measurement).
         timed_runs: extra uninstrumented runs for ``wall_s`` (the median).
+        warmup: uninstrumented runs first, so that first-call choices (the fast heads time their split
+            convolutions once per shape, ``FASTSHARE_CONV_SPLIT``) are made outside the count and the
+            instrumented run executes what later steps execute. Each run is a full step (BatchNorm running
+            statistics advance).
     """
+    if warmup < 0 or timed_runs < 0:
+        raise ValueError(f"profile_step: warmup and timed_runs must be >= 0, got {warmup} and {timed_runs}")
+    for _ in range(warmup):
+        step()
     device = torch.device(device)
     param_keys = {k for k in (_storage_key(p) for p in params) if k is not None}
     saved: dict[tuple[str, int], int] = {}
@@ -154,10 +162,11 @@ def profile_step(step: Callable[[], object], params: Iterable[torch.Tensor] = ()
 
 
 def profile_policy_step(model, x: torch.Tensor, stage: int | None, executor: str, tau: float = 5.0,
-                        hard: bool = False, timed_runs: int = 0, seed: int = 0) -> StepProfile:
+                        hard: bool = False, timed_runs: int = 0, seed: int = 0, warmup: int = 1) -> StepProfile:
     """Profile one policy-learning step of an :class:`~fastshare.model.AdaShareNet`: Gumbel gates at
     curriculum ``stage``, forward through ``executor``, the sum of squared outputs as a stand-in task
-    loss, backward (gradients zeroed first)."""
+    loss, backward (gradients zeroed first), after ``warmup`` uninstrumented steps (see
+    :func:`profile_step`)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.rand(tuple(model.logits.shape), generator=gen).clamp_(1e-6, 1 - 1e-6).to(model.logits.device)
 
@@ -167,7 +176,8 @@ def profile_policy_step(model, x: torch.Tensor, stage: int | None, executor: str
         outputs = model(x, gates, executor=executor)
         sum(o.float().pow(2).mean() for o in outputs.values()).backward()
 
-    return profile_step(step, params=model.parameters(), device=x.device, timed_runs=timed_runs)
+    return profile_step(step, params=list(model.parameters()), device=x.device, timed_runs=timed_runs,
+                        warmup=warmup)
 
 
 def _main(argv: list[str] | None = None) -> None:

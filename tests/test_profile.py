@@ -54,3 +54,42 @@ def test_cli_prints_summary(capsys):
     _main(["--backbone", "resnet18", "--image", "33", "--batch", "2", "--head-width", "16", "--stage", "2"])
     out = capsys.readouterr().out
     assert "FLOPs" in out and "ATen ops" in out
+
+
+def test_warmup_runs_the_step_uninstrumented_first():
+    calls = []
+    w = torch.randn(4, requires_grad=True)
+
+    def step():
+        calls.append(torch.is_grad_enabled())
+        (w * 2).sum().backward()
+
+    prof = profile_step(step, params=[w], warmup=2, timed_runs=1)
+    assert len(calls) == 4 and prof.flops == 0
+    for bad in ({"warmup": -1}, {"timed_runs": -1}):
+        try:
+            profile_step(step, **bad)
+        except ValueError as exc:
+            assert "must be >= 0" in str(exc)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
+def test_split_choices_are_made_in_the_warmup_not_in_the_count(monkeypatch):
+    # The fast heads time their split convolutions on the first call of a shape; that must not be counted.
+    from fastshare.ops import pruned_conv
+
+    monkeypatch.setenv("FASTSHARE_CONV_SPLIT", "auto")
+    monkeypatch.setattr(pruned_conv, "split_choice_cache", {})
+    monkeypatch.setattr(pruned_conv, "_time_split", lambda run, device, repeats=3: {True: 1.0, False: 2.0})
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)  # both gradients, as in the heads
+    w = torch.randn(4, 8, 3, 3, requires_grad=True)
+
+    def step():
+        pruned_conv.pruned_conv3x3(x, w, None, 12).sum().backward()
+
+    cold = profile_step(step, params=[w])  # no warm-up: the instrumented call must not time (no split)
+    assert pruned_conv.split_choice_cache == {}
+    warm = profile_step(step, params=[w], warmup=1)  # times in the warm-up (split wins), counts the split
+    assert list(pruned_conv.split_choice_cache.values()) == [True]
+    assert warm.flops * 4 == cold.flops  # rate 12 on 16 x 16 keeps a quarter of the products

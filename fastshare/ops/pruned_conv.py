@@ -15,7 +15,8 @@ pixels, each with the inputs of its ``T`` live taps side by side (an im2col of `
 ``(M, T C_in)``), times those taps' weights ``(T C_in, C_out)``. The result is the padded convolution exactly
 (the same products, summed in another order) at a fraction of its FLOPs: :func:`live_tap_fraction`, 0.81,
 0.65, 0.50, 0.37 for the four rates at 41 x 41, 0.56, 0.25, 1/9, 1/9 at 16 x 16. Backward: per region,
-``grad_W_taps = G^T cols`` and ``grad_cols = G W_taps``, scatter-added back onto the taps' crops.
+``grad_W_taps = G^T cols`` and ``grad_cols = G W_taps``, scatter-added back onto the taps' crops (both
+always: the heads need both).
 
 Whether that is faster depends on the convolution library and the shape: up to 9 matmuls (the corner ones
 small) plus the im2col copies, against one convolution kernel that may already skip some padding itself.
@@ -29,7 +30,8 @@ the other rates. So :func:`pruned_conv3x3` decides per call site:
 - ``split=None`` (default): ``FASTSHARE_CONV_SPLIT`` = ``auto`` (default: the first call of each shape times
   both, forward and also backward when a gradient is wanted, best of 3 after a warm-up, and keeps the
   faster for that shape; a compiled graph or a CUDA-graph capture cannot time and reuses an eager call's
-  choice, else does not split), ``always`` or ``never``.
+  choice, else does not split, and so does a call under a dispatch mode such as ``FlopCounterMode``),
+  ``always`` or ``never``.
 
 The split's output (and its input gradient) is channels_last whatever ``x``'s layout: the matmuls write
 pixel rows, which is also the layout the fast heads read next.
@@ -48,6 +50,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["TapBand", "tap_bands", "live_tap_fraction", "pruned_conv3x3", "split_choice_cache", "split_choices"]
@@ -291,7 +294,7 @@ def _time_split(run: Callable[[bool], None], device: torch.device, repeats: int 
 
 
 def _choose_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,
-                  timer: Callable[..., dict[bool, float]] = _time_split) -> bool:
+                  timer: Callable[..., dict[bool, float]] | None = None) -> bool:
     mode = _split_mode()
     if mode != "auto":
         return mode == "always"
@@ -301,6 +304,10 @@ def _choose_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if torch.compiler.is_compiling() or capturing or key in split_choice_cache:
         return _cached_choice(key)
+    if _get_current_dispatch_mode() is not None:
+        # Under a dispatch mode (FlopCounterMode, a profiler's op counter, fake tensors) the timing runs
+        # would be counted as the caller's work, or cannot run at all.
+        return False
     xs, ws = x.detach().requires_grad_(x.requires_grad), weight.detach().requires_grad_(weight.requires_grad)
     bs = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
     leaves = [t for t in (xs, ws, bs) if t is not None and t.requires_grad]
@@ -310,7 +317,7 @@ def _choose_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if backward:
             torch.autograd.grad(out, leaves, out)
 
-    times = timer(run, x.device)
+    times = (timer or _time_split)(run, x.device)
     split_choice_cache[key] = times[True] < times[False]
     return split_choice_cache[key]
 

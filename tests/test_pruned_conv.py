@@ -76,6 +76,10 @@ def test_flop_counter_sees_the_live_fraction_of_the_padded_convolution():
     padded = count(lambda x, w, b: F.conv2d(x, w, b, 1, 12, 12))
     split = count(lambda x, w, b: pruned_conv3x3(x, w, b, 12, split=True))
     assert split == pytest.approx(padded * live_tap_fraction(12, 16, 16)) and split == padded / 4
+    # Without an input gradient, the backward is the weight gradient only: 2 of the 3 passes' FLOPs.
+    padded_w = count(lambda x, w, b: F.conv2d(x.detach(), w, b, 1, 12, 12))
+    split_w = count(lambda x, w, b: pruned_conv3x3(x.detach(), w, b, 12, split=True))
+    assert padded_w == padded * 2 / 3 and split_w == padded_w / 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,6 +135,19 @@ def test_output_rows_can_be_modified_in_place():
     assert_close_verbose(w_leaf.grad, w_ref.grad, 1e-10, 1e-10, "grad through relu_")
 
 
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias", "x+bias"])
+def test_only_the_wanted_gradients(wanted):
+    x, weight, b = _inputs(16, 16, 6)
+    leaves = {"x": x, "weight": weight, "bias": b}
+    for name in wanted.split("+"):
+        leaves[name].requires_grad_()
+    wanted_leaves = [leaves[n] for n in wanted.split("+")]
+    got = torch.autograd.grad(pruned_conv3x3(x, weight, b, 6, split=True).square().sum(), wanted_leaves)
+    ref = torch.autograd.grad(F.conv2d(x, weight, b, 1, 6, 6).square().sum(), wanted_leaves)
+    for name, a, e in zip(wanted.split("+"), got, ref):
+        assert_close_verbose(a, e, 1e-10, 1e-10, f"grad {name}")
+
+
 def test_without_bias():
     x, weight, _ = _inputs(16, 16, 6, bias=False)
     _check_against_conv2d(x, weight, None, 6, True, 1e-12, 1e-10)
@@ -147,7 +164,9 @@ def test_opcheck():
     for args in [(x, weight, b, 3), (x.contiguous(memory_format=torch.channels_last), weight, None, 3)]:
         torch.library.opcheck(torch.ops.fastshare.pruned_conv3x3.default, args)
     grad = torch.randn(2, 4, 9, 7)
-    torch.library.opcheck(torch.ops.fastshare.pruned_conv3x3_backward.default, (grad, x, weight, 3))
+    for input_grad, weight_grad in [(True, True), (True, False), (False, True)]:
+        torch.library.opcheck(torch.ops.fastshare.pruned_conv3x3_backward.default,
+                              (grad, x, weight, 3, input_grad, weight_grad))
 
 
 def test_compiles_fullgraph():

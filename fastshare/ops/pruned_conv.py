@@ -15,8 +15,8 @@ pixels, each with the inputs of its ``T`` live taps side by side (an im2col of `
 ``(M, T C_in)``), times those taps' weights ``(T C_in, C_out)``. The result is the padded convolution exactly
 (the same products, summed in another order) at a fraction of its FLOPs: :func:`live_tap_fraction`, 0.81,
 0.65, 0.50, 0.37 for the four rates at 41 x 41, 0.56, 0.25, 1/9, 1/9 at 16 x 16. Backward: per region,
-``grad_W_taps = G^T cols`` and ``grad_cols = G W_taps``, scatter-added back onto the taps' crops (both
-always: the heads need both).
+``grad_W_taps = G^T cols`` and ``grad_cols = G W_taps``, scatter-added back onto the taps' crops (each
+only when that gradient is wanted).
 
 Whether that is faster depends on the convolution library and the shape: up to 9 matmuls (the corner ones
 small) plus the im2col copies, against one convolution kernel that may already skip some padding itself.
@@ -188,28 +188,38 @@ def _(x, weight, bias, dilation):
 
 
 @torch.library.custom_op("fastshare::pruned_conv3x3_backward", mutates_args=())
-def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int
+def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
+                                input_grad: bool, weight_grad: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty ``(0,)`` tensor."""
     bsz, c_in, height, width = x.shape
-    grad_x, grad_x_rows = _empty_nhwc(x, bsz, c_in, height, width, zero=True)
-    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    grad_x, grad_x_rows = x.new_empty(0), None
+    if input_grad:
+        grad_x, grad_x_rows = _empty_nhwc(x, bsz, c_in, height, width, zero=True)
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else (
+        weight.new_empty(0))
     x_rows, grad_rows = _pixel_rows(x), _pixel_rows(grad)
     with _no_autocast(x.device):
-        for region in _split_regions(height, width, dilation):
-            cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)  # recomputed, not saved
+        for region in _split_regions(height, width, dilation) if input_grad or weight_grad else ():
             g = grad_rows[:, region.rows, region.cols, :].reshape(-1, grad.shape[1])  # (M, C_out)
-            g_w = torch.mm(g.t(), cols)  # (C_out, T C_in)
-            g_cols = torch.mm(g, w_taps).view(bsz, region.rows.stop - region.rows.start,
-                                              region.cols.stop - region.cols.start, len(region.taps), c_in)
-            for i, (ty, tx, r, c) in enumerate(region.taps):
-                grad_w[:, :, ty, tx] += g_w[:, i * c_in:(i + 1) * c_in]
-                grad_x_rows[:, r, c, :] += g_cols[:, :, :, i, :]
+            if weight_grad:
+                g_w = torch.mm(g.t(), _im2col(x_rows, region))  # (C_out, T C_in); im2col recomputed, not saved
+                for i, (ty, tx, _, _) in enumerate(region.taps):
+                    grad_w[:, :, ty, tx] += g_w[:, i * c_in:(i + 1) * c_in]
+            if input_grad:
+                g_cols = torch.mm(g, _tap_matrix(weight, region)).view(
+                    bsz, region.rows.stop - region.rows.start, region.cols.stop - region.cols.start,
+                    len(region.taps), c_in)
+                for i, (_, _, r, c) in enumerate(region.taps):
+                    grad_x_rows[:, r, c, :] += g_cols[:, :, :, i, :]
     return grad_x, grad_w, grad.sum(dim=(0, 2, 3))
 
 
 @_pruned_conv3x3_backward_op.register_fake
-def _(grad, x, weight, dilation):
-    return (_empty_nhwc(x, *x.shape)[0], weight.new_empty(weight.shape), grad.new_empty((grad.shape[1],)))
+def _(grad, x, weight, dilation, input_grad, weight_grad):
+    grad_x = _empty_nhwc(x, *x.shape)[0] if input_grad else x.new_empty(0)
+    grad_w = weight.new_empty(weight.shape) if weight_grad else weight.new_empty(0)
+    return grad_x, grad_w, grad.new_empty((grad.shape[1],))
 
 
 def _setup(ctx, inputs, output):
@@ -220,8 +230,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _pruned_conv3x3_backward_op(grad, x, weight, ctx.dilation)
-    return grad_x, grad_w, grad_b if ctx.has_bias else None, None
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_w, grad_b = _pruned_conv3x3_backward_op(grad, x, weight, ctx.dilation, need_x, need_w)
+    return (grad_x if need_x else None, grad_w if need_w else None,
+            grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None, None)
 
 
 _pruned_conv3x3_op.register_autograd(_backward, setup_context=_setup)
@@ -242,8 +254,9 @@ def _(x_shape, weight_shape, bias_shape, dilation, *args, out_shape=None, **kwar
 
 
 @register_flop_formula(torch.ops.fastshare.pruned_conv3x3_backward)
-def _(grad_shape, x_shape, weight_shape, dilation, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _split_flops(x_shape, weight_shape, dilation)  # the input and the weight gradients
+def _(grad_shape, x_shape, weight_shape, dilation, input_grad, weight_grad, *args, out_shape=None,
+      **kwargs) -> int:
+    return (int(input_grad) + int(weight_grad)) * _split_flops(x_shape, weight_shape, dilation)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -93,11 +93,10 @@ def _check_against_conv2d(x, weight, b, d, split, atol, rtol):
     ref = F.conv2d(ref_leaves[0], ref_leaves[1], ref_leaves[2] if b is not None else None, 1, d, d)
     got = pruned_conv3x3(xs, ws, bs, d, split=split)
     assert got.dtype == x.dtype and got.shape == ref.shape
-    one_conv = not split or d >= max(x.shape[2:])
-    if one_conv:  # F.conv2d's layout
+    if split is False or d >= max(x.shape[2:]):  # one F.conv2d: its layout
         assert got.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(
             memory_format=torch.channels_last)
-    else:  # the split's matmuls write pixel rows
+    elif split:  # the split's matmuls write pixel rows (split=None: whichever the timing chose)
         assert got.is_contiguous(memory_format=torch.channels_last)
     assert_close_verbose(got, ref, atol, rtol, "output")
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
@@ -113,6 +112,15 @@ def _check_against_conv2d(x, weight, b, d, split, atol, rtol):
 def test_matches_padded_conv_float64(h, w, d, channels_last, split):
     x, weight, b = _inputs(h, w, d, channels_last=channels_last)
     _check_against_conv2d(x, weight, b, d, split, 1e-12, 1e-10)
+
+
+def test_matches_padded_conv_on_random_shapes():
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(40):
+        h, w = (int(v) for v in torch.randint(1, 24, (2,), generator=gen))
+        d = int(torch.randint(1, 26, (1,), generator=gen))
+        x, weight, b = _inputs(h, w, d, c_in=3, c_out=2, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+        _check_against_conv2d(x, weight, b, d, True, 1e-12, 1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import platform
 
 import torch
 
 from fastshare.ops.backends import available_backends
 
-__all__ = ["PACKAGES", "collect", "format_info", "main"]
+__all__ = ["PACKAGES", "SETTINGS", "collect", "format_info", "main"]
 
 #: Packages whose version :func:`collect` reports, with what each one is for.
 PACKAGES: dict[str, str] = {
@@ -19,6 +20,17 @@ PACKAGES: dict[str, str] = {
     "numpy": "required",
     "matplotlib": "optional, fastshare[plot]: policy show --out",
     "tensorboard": "optional, fastshare[tensorboard]: --tensorboard",
+}
+
+
+#: Environment variables that change how fastshare executes: ``{name: (default, what it does)}``.
+SETTINGS: dict[str, tuple[str, str]] = {
+    "FASTSHARE_BACKEND": ("auto", "op backend: auto, reference, cpu, cuda, triton"),
+    "FASTSHARE_CONV_SPLIT": ("auto", "heads' dilated convolutions in zero-padding-free bands: auto (timed per "
+                                     "shape), always, never"),
+    "FASTSHARE_DATA_CHECKS": ("1", "value checks that read tensors (host-device syncs on a GPU): 1 or 0"),
+    "FASTSHARE_DETERMINISTIC": ("0", "run-to-run deterministic gate-logit reductions: 1 or 0"),
+    "TRITON_INTERPRET": ("0", "run Triton kernels on CPU tensors in the interpreter: 1 or 0"),
 }
 
 
@@ -36,7 +48,8 @@ def collect() -> dict[str, object]:
     Keys: ``fastshare``, ``python``, ``torch``, ``torch_cuda``, ``triton`` (version or None),
     ``cuda_device`` (name or None), ``packages`` (``{name: version or None}`` for
     :data:`PACKAGES`), ``backends`` (``{device: {backend: [reasons]}}``, empty list = available),
-    ``executors`` (``{name: registered}``).
+    ``executors`` (``{name: registered}``), ``settings`` (``{name: value}`` for :data:`SETTINGS`, the
+    default where unset).
     """
     from fastshare import executors
 
@@ -51,6 +64,7 @@ def collect() -> dict[str, object]:
         "packages": packages,
         "backends": {"cpu": available_backends("cpu")},
         "executors": {name: name in executors._EXECUTORS for name in executors.NAMES[1:]},
+        "settings": {name: os.environ.get(name, default) for name, (default, _) in SETTINGS.items()},
     }
     if torch.cuda.is_available():
         info["backends"]["cuda"] = available_backends("cuda")
@@ -72,6 +86,9 @@ def format_info(info: dict[str, object]) -> str:
     lines.append("executors:")
     for name, registered in info["executors"].items():
         lines.append(f"  {name:10s} " + ("registered" if registered else "not registered in this build"))
+    lines.append("settings (environment):")
+    for name, value in info["settings"].items():
+        lines.append(f"  {name:24s} {value:6s} ({SETTINGS[name][1]})")
     return "\n".join(lines)
 
 

@@ -19,3 +19,11 @@ def test_info_lists_every_backend_with_reasons():
 def test_info_module_runs():
     out = subprocess.run([sys.executable, "-m", "fastshare.info"], capture_output=True, text=True, check=True)
     assert "torch" in out.stdout and "backends for cpu tensors" in out.stdout
+
+
+def test_info_reports_settings(monkeypatch):
+    monkeypatch.setenv("FASTSHARE_CONV_SPLIT", "never")
+    monkeypatch.delenv("FASTSHARE_BACKEND", raising=False)
+    info = collect()
+    assert info["settings"]["FASTSHARE_CONV_SPLIT"] == "never" and info["settings"]["FASTSHARE_BACKEND"] == "auto"
+    assert "FASTSHARE_CONV_SPLIT     never" in format_info(info)

@@ -11,6 +11,7 @@ reference. Small inputs (33x33 images, B = 2, head width 16) keep the file cheap
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -260,6 +261,21 @@ def test_fast_aspp_head_matches_module(size, split, monkeypatch):
     g_got = torch.autograd.grad(got, params, grad)
     for (name, _), a, b in zip([("x", None)] + list(head.named_parameters()), g_ref, g_got):
         _check(f"head grad {name}", a, b, 1e-11)
+
+
+@pytest.mark.parametrize("stage", [1, None], ids=["stage1", "stageL"])
+def test_contract_with_heads_split_in_bands(monkeypatch, stage):
+    # 65x65 images give 9x9 features: the rate-6 branch splits into bands (the others are 1x1).
+    from fastshare.ops import pruned_conv
+
+    calls = []
+    real = pruned_conv._pruned_conv3x3_op
+    monkeypatch.setattr(pruned_conv, "_pruned_conv3x3_op", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setenv("FASTSHARE_CONV_SPLIT", "always")
+    monkeypatch.setattr(sys.modules[__name__], "IMAGE", 65)
+    ref, fast = _pair("resnet18", 3, torch.float64)
+    _compare_steps(ref, fast, stage=stage, steps=2)
+    assert calls and set(calls) == {6}, "the fast heads must have run the split"
 
 
 def test_pruned_dilated_kernel_shapes():

@@ -137,6 +137,18 @@ def test_resnet18_float64(k, case):
     _compare_both_modes("resnet18", k, _policy(case, k, 8, seed=10 * k), torch.float64, F64, F64)
 
 
+def test_resnet18_float64_heads_split_in_bands(monkeypatch):
+    # 65x65 images give 9x9 features: the heads' rate-6 branch splits into bands (eval and train).
+    from fastshare.ops import pruned_conv
+
+    calls = []
+    real = pruned_conv._pruned_conv3x3_op
+    monkeypatch.setattr(pruned_conv, "_pruned_conv3x3_op", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setenv("FASTSHARE_CONV_SPLIT", "always")
+    _compare_both_modes("resnet18", 3, _policy("random", 3, 8, seed=30), torch.float64, F64, F64, x_size=65)
+    assert calls and set(calls) == {6}, "the fast heads must have run the split"
+
+
 def test_resnet34_float32():
     _compare_both_modes("resnet34", 3, _policy("random", 3, 16, seed=1), torch.float32, F32_OUT, F32_GRAD,
                         x_size=65)

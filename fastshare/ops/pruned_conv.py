@@ -34,7 +34,9 @@ the other rates. So :func:`pruned_conv3x3` decides per call site:
   ``always`` or ``never``.
 
 The split's output (and its input gradient) is channels_last whatever ``x``'s layout: the matmuls write
-pixel rows, which is also the layout the fast heads read next.
+pixel rows, which is also the layout the fast heads read next. On CUDA its matmuls use TF32 exactly when
+cuDNN's convolutions may (``torch.backends.cudnn.allow_tf32``), so that it rounds like the convolution it
+replaces and the timing compares like with like.
 
 Layers: the reference is ``F.conv2d`` with padding ``d`` (the spec); the ops ``fastshare::pruned_conv3x3``
 (the split) and ``fastshare::pruned_conv3x3_backward`` (fake + autograd; ATen matmuls, so every device) ->
@@ -43,10 +45,11 @@ the functional :func:`pruned_conv3x3`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -160,8 +163,21 @@ def _tap_matrix(weight: torch.Tensor, region: _Region) -> torch.Tensor:
     return torch.cat([weight[:, :, ty, tx] for ty, tx, _, _ in region.taps], dim=1)
 
 
-def _no_autocast(device: torch.device):
-    return torch.autocast(device.type, enabled=False)
+@contextlib.contextmanager
+def _convolution_math(device: torch.device) -> Iterator[None]:
+    """Autocast off (the functional casts first: here the inputs' dtype is the output's), and on CUDA the
+    matmuls under cuDNN's TF32 setting instead of cuBLAS's: the op stands in for a convolution, so it
+    rounds like one (PyTorch's defaults allow TF32 in convolutions, not in matmuls)."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,7 +189,7 @@ def _pruned_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     bsz, _, height, width = x.shape
     out, out_rows = _empty_nhwc(x, bsz, weight.shape[0], height, width)
     x_rows = _pixel_rows(x)
-    with _no_autocast(x.device):  # the functional casts first; here the inputs' dtype is the output's
+    with _convolution_math(x.device):
         for region in _split_regions(height, width, dilation):
             cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)
             res = torch.mm(cols, w_taps.t()) if bias is None else torch.addmm(bias, cols, w_taps.t())
@@ -199,7 +215,7 @@ def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: tor
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else (
         weight.new_empty(0))
     x_rows, grad_rows = _pixel_rows(x), _pixel_rows(grad)
-    with _no_autocast(x.device):
+    with _convolution_math(x.device):
         for region in _split_regions(height, width, dilation) if input_grad or weight_grad else ():
             g = grad_rows[:, region.rows, region.cols, :].reshape(-1, grad.shape[1])  # (M, C_out)
             if weight_grad:

@@ -99,11 +99,14 @@ def tap_bands(dilation: int, size: int, split: bool = True) -> tuple[TapBand, ..
     return tuple(b for b in bands if b.stop > b.start)
 
 
+def _live_taps(dilation: int, size: int) -> int:
+    """``sum_i (live taps of position i)`` along one axis (``3 n`` when nothing meets padding)."""
+    return sum((b.stop - b.start) * (b.stop_tap - b.first_tap) for b in tap_bands(dilation, size))
+
+
 def live_tap_fraction(dilation: int, height: int, width: int) -> float:
     """Share of the padded convolution's multiply-adds that the split computes (1.0: nothing to skip)."""
-    def axis(n: int) -> float:
-        return sum((b.stop - b.start) * (b.stop_tap - b.first_tap) for b in tap_bands(dilation, n)) / (3 * n)
-    return axis(height) * axis(width)
+    return _live_taps(dilation, height) * _live_taps(dilation, width) / (9 * height * width)
 
 
 def _check_dilation(dilation: int) -> None:
@@ -258,9 +261,7 @@ _pruned_conv3x3_op.register_autograd(_backward, setup_context=_setup)
 def _split_flops(x_shape, weight_shape, dilation: int) -> int:
     """Multiply-adds x 2 of the split: the padded convolution's, times :func:`live_tap_fraction`."""
     bsz, c_in, height, width = x_shape
-    live = sum((rb.stop - rb.start) * (rb.stop_tap - rb.first_tap) for rb in tap_bands(dilation, height)) * sum(
-        (cb.stop - cb.start) * (cb.stop_tap - cb.first_tap) for cb in tap_bands(dilation, width))
-    return 2 * bsz * weight_shape[0] * c_in * live
+    return 2 * bsz * weight_shape[0] * c_in * _live_taps(dilation, height) * _live_taps(dilation, width)
 
 
 # FlopCounterMode (fastshare.profile, the benchmarks) sees the ops, not the matmuls inside them.
@@ -388,13 +389,17 @@ def pruned_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x: ``(B, C_in, h, w)``, floating point, any layout.
         weight: ``(C_out, C_in, 3, 3)``; bias: ``(C_out,)`` or None; same dtype and device as ``x``.
         dilation: ``d >= 1`` (the padding too).
-        split: True: one convolution per band region; False: one convolution, outer taps dropped only on
-            axes with ``d >= n``; None: ``FASTSHARE_CONV_SPLIT`` decides (default ``auto``: timed on CUDA).
+        split: True: one matmul per band region (one convolution where there is one region); False: one
+            convolution, outer taps dropped only on axes with ``d >= n``; None: ``FASTSHARE_CONV_SPLIT``
+            decides (default ``auto``: both timed on the first call of each shape, the faster kept).
 
     Returns:
-        ``(B, C_out, h, w)``, channels_last when ``x`` is, equal to the padded convolution up to float
-        rounding; differentiable in ``x``, ``weight`` and ``bias``. Under autocast, the inputs are cast to
-        the autocast dtype first, as ``F.conv2d``'s are.
+        ``(B, C_out, h, w)`` equal to the padded convolution up to float rounding, differentiable in ``x``,
+        ``weight`` and ``bias``; channels_last from the split, ``F.conv2d``'s layout from one convolution.
+        Under autocast, the inputs are cast to the autocast dtype first, as ``F.conv2d``'s are.
+
+    Example:
+        >>> a = pruned_conv3x3(x, conv.weight, conv.bias, 12)   # == conv(x) for Conv2d(..., 3, padding=12, dilation=12)
     """
     _check_dilation(dilation)
     _check_inputs(x, weight, bias)

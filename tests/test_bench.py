@@ -150,7 +150,7 @@ def test_main_quick_writes_valid_json(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.delenv("FASTSHARE_CONV_SPLIT", raising=False)
-    key = ("cuda:0", torch.float32, (16, 512, 41, 41), False, (1024, 512, 3, 3), True, 24, True)
+    key = ("cuda:0", torch.float32, (16, 512, 41, 41), False, (1024, 512, 3, 3), True, 24, True, False)
     monkeypatch.setattr(pruned_conv, "split_choice_cache", {key: True})
     out = tmp_path / "res.json"
     rc = bench.main(["--quick", "--device", "cpu", "--filter", "gr/12x64x64x64/fp32/reference/fwd", "--out",
@@ -164,7 +164,8 @@ def test_main_quick_writes_valid_json(tmp_path, monkeypatch):
     assert doc["device"]["type"] == "cpu" and doc["config"]["filter"] == ["gr/12x64x64x64/fp32/reference/fwd"]
     assert doc["config"]["conv_split"] == {"mode": "auto", "choices": [
         {"device": "cuda:0", "dtype": "torch.float32", "x_shape": [16, 512, 41, 41], "channels_last": False,
-         "weight_shape": [1024, 512, 3, 3], "bias": True, "dilation": 24, "backward": True, "split": True}]}
+         "weight_shape": [1024, 512, 3, 3], "bias": True, "dilation": 24, "backward": True, "tf32": False,
+         "split": True}]}
 
 
 def test_main_no_match(tmp_path):

@@ -292,7 +292,8 @@ def test_tuning_keeps_the_faster_and_times_each_shape_once(monkeypatch, empty_ca
         assert pruned_conv._choose_split(x, weight, b, 6, timer=fake_timer) is faster
     assert len(timed) == 1
     (key,) = empty_cache.split_choice_cache
-    assert key[-1] is True, "weight requires grad: forward and backward are timed"
+    assert key[-2] is True, "weight requires grad: forward and backward are timed"
+    assert key[-1] is False, "TF32 is a CUDA float32 matter"
     assert weight.grad is None, "timing must not leave gradients behind"
     with torch.no_grad():
         pruned_conv._choose_split(x, weight, b, 6, timer=fake_timer)
@@ -336,6 +337,14 @@ def test_cuda_matches_padded_conv(dtype, channels_last, monkeypatch, empty_cache
         for split in (True, None):  # None: timed once, then cached
             _check_against_conv2d(x, weight, b, 12, split, atol * 12, rtol * 12)
     assert len(empty_cache.split_choice_cache) == 1
+    if dtype == torch.float32:  # with TF32 allowed, which form is faster is a new question
+        same_call = [t.detach().requires_grad_() for t in (x, weight, b)]  # as in _check_against_conv2d
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            pruned_conv3x3(*same_call, 12)
+        assert len(empty_cache.split_choice_cache) == 1
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            pruned_conv3x3(*same_call, 12)
+        assert len(empty_cache.split_choice_cache) == 2
 
 
 @pytest.mark.gpu

@@ -285,9 +285,19 @@ split_choice_cache: dict[tuple, bool] = {}
 
 def split_choices() -> list[dict[str, object]]:
     """The choices made so far, JSON-ready (for benchmark result files): one dict per timed shape."""
-    names = ("device", "dtype", "x_shape", "channels_last", "weight_shape", "bias", "dilation", "backward")
+    names = ("device", "dtype", "x_shape", "channels_last", "weight_shape", "bias", "dilation", "backward", "tf32")
     return [{**{n: (str(v) if n == "dtype" else v) for n, v in zip(names, key)}, "split": split}
             for key, split in split_choice_cache.items()]
+
+
+def _tuning_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, backward: bool
+                ) -> tuple:
+    """What the timing depends on: device, dtype, shapes, layout, bias, rate, whether a backward follows,
+    and for CUDA float32 whether TF32 is allowed (both forms follow cuDNN's flag, and TF32 changes which
+    is faster)."""
+    tf32 = x.is_cuda and x.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    return (str(x.device), x.dtype, tuple(x.shape), _layout(x) == torch.channels_last, tuple(weight.shape),
+            bias is not None, dilation, backward, tf32)
 
 
 def _split_mode() -> str:
@@ -329,8 +339,7 @@ def _choose_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if mode != "auto":
         return mode == "always"
     backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    key = (str(x.device), x.dtype, tuple(x.shape), _layout(x) == torch.channels_last, tuple(weight.shape),
-           bias is not None, dilation, backward)
+    key = _tuning_key(x, weight, bias, dilation, backward)
     capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if torch.compiler.is_compiling() or capturing or key in split_choice_cache:
         return _cached_choice(key)

@@ -91,6 +91,9 @@ for path in map(Path, sys.argv[1:]):
     rates = doc["reference_rates"]
     print(f"{path.name}: {doc['device']['name']} commit {doc['git_commit'][:12]} copy {rates['copy_gbps']:.0f} GB/s"
           + "".join(f" {d} mm {v:.0f} TFLOP/s" for d, v in rates.get("matmul_tflops", {}).items()))
+    for c in doc["config"].get("conv_split", {}).get("choices", []):
+        print(f"  heads' conv split: {'SPLIT ' if c['split'] else 'padded'} d={c['dilation']} x={c['x_shape']} "
+              f"{c['dtype']} cl={c['channels_last']} backward={c['backward']} tf32={c['tf32']}")
     print(f"{'case':58s} {'median ms':>10s} {'GB/s':>7s} {'%copy':>6s} {'TFLOP/s':>8s} {'x ref':>6s} {'x comp':>6s}  target")
     for c in doc["cases"]:
         target = ""

@@ -49,7 +49,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +187,7 @@ def _convolution_math(device: torch.device) -> Iterator[None]:
 # Registered ops: the split, each region one matmul over its live taps (im2col of a few shifted crops).
 
 @torch.library.custom_op("fastshare::pruned_conv3x3", mutates_args=())
-def _pruned_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int
+def _pruned_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int
                        ) -> torch.Tensor:
     bsz, _, height, width = x.shape
     out, out_rows = _empty_nhwc(x, bsz, weight.shape[0], height, width)

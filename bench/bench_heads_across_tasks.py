@@ -31,7 +31,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastshare.model.fast_heads import aspp_head_forward, pruned_dilated_kernel
+from fastshare.model.fast_heads import aspp_head_forward
+from fastshare.ops.pruned_conv import pruned_dilated_kernel
 from fastshare.model.heads import ASPPHead
 
 ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "7"))

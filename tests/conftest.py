@@ -77,6 +77,22 @@ def require_triton_module() -> None:
     pytest.skip(reason, allow_module_level=True)
 
 
+def record_split_conv_calls(monkeypatch) -> list[int]:
+    """Record the dilation of every call of ``fastshare::pruned_conv3x3`` (the band split) made through
+    :func:`fastshare.ops.pruned_conv.pruned_conv3x3` while ``monkeypatch`` is active."""
+    from fastshare.ops import pruned_conv
+
+    calls: list[int] = []
+    real = pruned_conv._pruned_conv3x3_op
+
+    def spy(x, weight, bias, dilation):
+        calls.append(dilation)
+        return real(x, weight, bias, dilation)
+
+    monkeypatch.setattr(pruned_conv, "_pruned_conv3x3_op", spy)
+    return calls
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -18,9 +18,11 @@ import torch
 
 from fastshare import executors
 from fastshare.model import AdaShareNet
-from fastshare.model.fast_heads import aspp_head_forward, pruned_dilated_kernel
+from fastshare.model.fast_heads import aspp_head_forward
 from fastshare.model.heads import ASPPHead
 from fastshare.policy import Gates
+
+from conftest import record_split_conv_calls
 
 CLASSES = (3, 2, 1, 4, 2)
 IMAGE = 33
@@ -266,27 +268,12 @@ def test_fast_aspp_head_matches_module(size, split, monkeypatch):
 @pytest.mark.parametrize("stage", [1, None], ids=["stage1", "stageL"])
 def test_contract_with_heads_split_in_bands(monkeypatch, stage):
     # 65x65 images give 9x9 features: the rate-6 branch splits into bands (the others are 1x1).
-    from fastshare.ops import pruned_conv
-
-    calls = []
-    real = pruned_conv._pruned_conv3x3_op
-    monkeypatch.setattr(pruned_conv, "_pruned_conv3x3_op", lambda *a: calls.append(a[3]) or real(*a))
+    calls = record_split_conv_calls(monkeypatch)
     monkeypatch.setenv("FASTSHARE_CONV_SPLIT", "always")
     monkeypatch.setattr(sys.modules[__name__], "IMAGE", 65)
     ref, fast = _pair("resnet18", 3, torch.float64)
     _compare_steps(ref, fast, stage=stage, steps=2)
     assert calls and set(calls) == {6}, "the fast heads must have run the split"
-
-
-def test_pruned_dilated_kernel_shapes():
-    w = torch.randn(4, 3, 3, 3)
-    assert pruned_dilated_kernel(w, 6, 5, 5)[0].shape == (4, 3, 1, 1)
-    k, pad = pruned_dilated_kernel(w, 12, 8, 20)
-    assert k.shape == (4, 3, 1, 3) and pad == (0, 12)
-    k, pad = pruned_dilated_kernel(w, 6, 16, 16)
-    assert k.shape == (4, 3, 3, 3) and pad == (6, 6)
-    with pytest.raises(ValueError, match="3, 3"):
-        pruned_dilated_kernel(torch.randn(4, 3, 1, 1), 6, 5, 5)
 
 
 def test_channels_last_input_and_state_dict_unchanged():

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fastshare.ops import pruned_conv
-from fastshare.ops.pruned_conv import live_tap_fraction, pruned_conv3x3, tap_bands
+from fastshare.ops.pruned_conv import live_tap_fraction, pruned_conv3x3, pruned_dilated_kernel, tap_bands
 
-from conftest import assert_close_verbose, tolerance
+from conftest import assert_close_verbose, record_split_conv_calls, tolerance
 
 # (h, w, d): every band regime on each axis (d >= n, 2d <= n, n < 2d with d < n, 2d == n), square and not.
 SIZES = [(16, 16, 6), (16, 16, 12), (41, 41, 24), (5, 9, 3), (8, 20, 12), (7, 7, 4), (6, 6, 3), (9, 4, 2),
@@ -53,6 +53,17 @@ def test_unsplit_plan_is_one_band(n, d):
     (band,) = tap_bands(d, n, split=False)
     assert (band.start, band.stop) == (0, n)
     assert (band.first_tap, band.stop_tap) == ((1, 2) if d >= n else (0, 3))
+
+
+def test_pruned_dilated_kernel_shapes():
+    w = torch.randn(4, 3, 3, 3)
+    assert pruned_dilated_kernel(w, 6, 5, 5)[0].shape == (4, 3, 1, 1)
+    k, pad = pruned_dilated_kernel(w, 12, 8, 20)
+    assert k.shape == (4, 3, 1, 3) and pad == (0, 12)
+    k, pad = pruned_dilated_kernel(w, 6, 16, 16)
+    assert k.shape == (4, 3, 3, 3) and pad == (6, 6)
+    with pytest.raises(ValueError, match="3, 3"):
+        pruned_dilated_kernel(torch.randn(4, 3, 1, 1), 6, 5, 5)
 
 
 def test_live_tap_fraction_counts_the_products_that_touch_the_input():
@@ -251,23 +262,10 @@ def empty_cache(monkeypatch):
     return pruned_conv
 
 
-def _calls_op(monkeypatch) -> list[int]:
-    """Record the dilation of every call of the split op."""
-    seen: list[int] = []
-    real = pruned_conv._pruned_conv3x3_op
-
-    def spy(x, weight, bias, dilation):
-        seen.append(dilation)
-        return real(x, weight, bias, dilation)
-
-    monkeypatch.setattr(pruned_conv, "_pruned_conv3x3_op", spy)
-    return seen
-
-
 @pytest.mark.parametrize("mode,expected", [("always", [6]), ("never", [])])
 def test_split_modes(monkeypatch, empty_cache, mode, expected):
     monkeypatch.setenv("FASTSHARE_CONV_SPLIT", mode)
-    seen = _calls_op(monkeypatch)
+    seen = record_split_conv_calls(monkeypatch)
     x, weight, b = _inputs(16, 16, 6, dtype=torch.float32)
     pruned_conv3x3(x, weight, b, 6)
     assert seen == expected  # unsplit with d < n is one F.conv2d, not the op
@@ -314,7 +312,7 @@ def test_compiled_call_reuses_the_eager_choice(monkeypatch, empty_cache):
     monkeypatch.setenv("FASTSHARE_CONV_SPLIT", "auto")
     x, weight, b = _inputs(16, 16, 6, dtype=torch.float32)
     pruned_conv._choose_split(x, weight, b, 6, timer=lambda run, device: {True: 1.0, False: 2.0})
-    seen = _calls_op(monkeypatch)
+    seen = record_split_conv_calls(monkeypatch)
     fn = torch.compile(lambda *a: pruned_conv3x3(*a, 6), fullgraph=True, backend="aot_eager")
     assert_close_verbose(fn(x, weight, b), F.conv2d(x, weight, b, 1, 6, 6), 1e-5, 1e-5, "compiled")
     assert seen == [6], "the cached choice (split) is used inside the graph"

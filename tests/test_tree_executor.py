@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_close_verbose
+from conftest import assert_close_verbose, record_split_conv_calls
 from fastshare import executors
 from fastshare.losses import task_loss
 from fastshare.model import AdaShareNet
@@ -139,11 +139,7 @@ def test_resnet18_float64(k, case):
 
 def test_resnet18_float64_heads_split_in_bands(monkeypatch):
     # 65x65 images give 9x9 features: the heads' rate-6 branch splits into bands (eval and train).
-    from fastshare.ops import pruned_conv
-
-    calls = []
-    real = pruned_conv._pruned_conv3x3_op
-    monkeypatch.setattr(pruned_conv, "_pruned_conv3x3_op", lambda *a: calls.append(a[3]) or real(*a))
+    calls = record_split_conv_calls(monkeypatch)
     monkeypatch.setenv("FASTSHARE_CONV_SPLIT", "always")
     _compare_both_modes("resnet18", 3, _policy("random", 3, 8, seed=30), torch.float64, F64, F64, x_size=65)
     assert calls and set(calls) == {6}, "the fast heads must have run the split"

@@ -37,32 +37,10 @@ import torch
 import torch.nn as nn
 
 from fastshare.model.heads import ASPPHead, ClassificationModule
-from fastshare.ops.pruned_conv import pruned_conv3x3, tap_bands
+from fastshare.ops.pruned_conv import pruned_conv3x3
 from fastshare.ops.relu_dropout import relu_dropout
 
-__all__ = ["aspp_head_forward", "pruned_dilated_kernel"]
-
-
-def pruned_dilated_kernel(weight: torch.Tensor, dilation: int, height: int, width: int
-                          ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The exact smaller kernel of a 3x3 convolution with padding = dilation = ``d`` on ``h x w`` inputs.
-
-    Args:
-        weight: ``(C_out, C_in, 3, 3)``.
-        dilation: ``d`` (the convolution's padding too).
-        height, width: input ``h, w`` (stride 1, so also the output size).
-
-    Returns:
-        ``(kernel, padding)``: ``kernel`` is ``weight`` without the rows (if ``d >= h``) and the columns
-        (if ``d >= w``) that only ever meet zero padding, a view of ``weight`` of shape
-        ``(C_out, C_in, 1 or 3, 1 or 3)``; ``padding`` the matching ``(pad_h, pad_w)`` (0 where pruned).
-        This is :func:`~fastshare.ops.pruned_conv.pruned_conv3x3` with ``split=False``.
-    """
-    if weight.ndim != 4 or tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"expected a (C_out, C_in, 3, 3) kernel, got {tuple(weight.shape)}")
-    (rows,), (cols,) = tap_bands(dilation, height, split=False), tap_bands(dilation, width, split=False)
-    pad = (dilation if rows.first_tap == 0 else 0, dilation if cols.first_tap == 0 else 0)
-    return weight[:, :, rows.taps, cols.taps], pad
+__all__ = ["aspp_head_forward"]
 
 
 def _is_standard_branch(branch: ClassificationModule) -> bool:

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["TapBand", "tap_bands", "live_tap_fraction", "pruned_conv3x3", "split_choice_cache", "split_choices"]
+__all__ = ["TapBand", "tap_bands", "live_tap_fraction", "pruned_conv3x3", "pruned_dilated_kernel",
+           "split_choice_cache", "split_choices"]
 
 SPLIT_MODES = ("auto", "always", "never")
 _ENV = "FASTSHARE_CONV_SPLIT"
@@ -109,6 +110,28 @@ def live_tap_fraction(dilation: int, height: int, width: int) -> float:
     return _live_taps(dilation, height) * _live_taps(dilation, width) / (9 * height * width)
 
 
+def pruned_dilated_kernel(weight: torch.Tensor, dilation: int, height: int, width: int
+                          ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The exact smaller kernel of a 3x3 convolution with padding = dilation = ``d`` on ``h x w`` inputs.
+
+    Args:
+        weight: ``(C_out, C_in, 3, 3)``.
+        dilation: ``d`` (the convolution's padding too).
+        height, width: input ``h, w`` (stride 1, so also the output size).
+
+    Returns:
+        ``(kernel, padding)``: ``kernel`` is ``weight`` without the rows (if ``d >= h``) and the columns
+        (if ``d >= w``) that only ever meet zero padding, a view of ``weight`` of shape
+        ``(C_out, C_in, 1 or 3, 1 or 3)``; ``padding`` the matching ``(pad_h, pad_w)`` (0 where pruned).
+        :func:`pruned_conv3x3` with ``split=False`` is ``F.conv2d`` with this kernel and padding.
+    """
+    if weight.ndim != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"expected a (C_out, C_in, 3, 3) kernel, got {tuple(weight.shape)}")
+    (rows,), (cols,) = tap_bands(dilation, height, split=False), tap_bands(dilation, width, split=False)
+    pad = (dilation if rows.first_tap == 0 else 0, dilation if cols.first_tap == 0 else 0)
+    return weight[:, :, rows.taps, cols.taps], pad
+
+
 def _check_dilation(dilation: int) -> None:
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"pruned_conv3x3: dilation must be an int >= 1, got {dilation!r}")
@@ -128,6 +151,11 @@ class _Region:
     rows: slice
     cols: slice
     taps: tuple[tuple[int, int, slice, slice], ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(h_r, w_r)``."""
+        return self.rows.stop - self.rows.start, self.cols.stop - self.cols.start
 
 
 def _split_regions(height: int, width: int, dilation: int) -> list[_Region]:
@@ -196,8 +224,7 @@ def _pruned_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         for region in _split_regions(height, width, dilation):
             cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)
             res = torch.mm(cols, w_taps.t()) if bias is None else torch.addmm(bias, cols, w_taps.t())
-            out_rows[:, region.rows, region.cols, :] = res.view(bsz, region.rows.stop - region.rows.start,
-                                                                region.cols.stop - region.cols.start, -1)
+            out_rows[:, region.rows, region.cols, :] = res.view(bsz, *region.size, -1)
     return out
 
 
@@ -226,9 +253,7 @@ def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: tor
                 for i, (ty, tx, _, _) in enumerate(region.taps):
                     grad_w[:, :, ty, tx] += g_w[:, i * c_in:(i + 1) * c_in]
             if input_grad:
-                g_cols = torch.mm(g, _tap_matrix(weight, region)).view(
-                    bsz, region.rows.stop - region.rows.start, region.cols.stop - region.cols.start,
-                    len(region.taps), c_in)
+                g_cols = torch.mm(g, _tap_matrix(weight, region)).view(bsz, *region.size, len(region.taps), c_in)
                 for i, (_, _, r, c) in enumerate(region.taps):
                     grad_x_rows[:, r, c, :] += g_cols[:, :, :, i, :]
     return grad_x, grad_w, grad.sum(dim=(0, 2, 3))
@@ -366,12 +391,10 @@ def _choose_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, split: bool
           ) -> torch.Tensor:
-    height, width = x.shape[2:]
-    (rows,), (cols,) = tap_bands(dilation, height, split=False), tap_bands(dilation, width, split=False)
-    if split and (rows.first_tap == 0 or cols.first_tap == 0):  # some axis has more than one band
+    kernel, pad = pruned_dilated_kernel(weight, dilation, *x.shape[2:])
+    if split and any(pad):  # an axis with padding left has more than one band
         return _pruned_conv3x3_op(x, weight, bias, dilation)
-    pad = (dilation if rows.first_tap == 0 else 0, dilation if cols.first_tap == 0 else 0)
-    return F.conv2d(x, weight[:, :, rows.taps, cols.taps], bias, 1, pad, dilation)
+    return F.conv2d(x, kernel, bias, 1, pad, dilation)
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

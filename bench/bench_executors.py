@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import time
+from statistics import median
 
 import pytest
 import torch
@@ -84,11 +85,6 @@ def _policy_step(setup, stage: int, variant: str) -> float:
         batched_module._head = head
 
 
-def _median(v: list[float]) -> float:
-    s = sorted(v)
-    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
-
-
 def _interleaved(setup, stage: int, rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for v in VARIANTS:
@@ -105,13 +101,13 @@ def test_policy_step(benchmark, setup, stage_of):
     backbone, model = setup[0], setup[1]
     stage = 1 if stage_of == "1" else model.num_blocks
     times = _interleaved(setup, stage, ROUNDS)
-    base = _median(times["sequential"])
-    ratios = {v: _median(t) / base for v, t in times.items() if v != "sequential"}
+    base = median(times["sequential"])
+    ratios = {v: median(t) / base for v, t in times.items() if v != "sequential"}
     benchmark.pedantic(_policy_step, args=(setup, stage, "batched"), rounds=ROUNDS, iterations=1,
                        warmup_rounds=0)
     benchmark.extra_info.update({"backbone": backbone, "stage": stage, "threads": torch.get_num_threads(),
                                  "seconds": times, "over_sequential": ratios, "load_avg": os.getloadavg()})
-    line = ", ".join(f"{v} {_median(t):.3f} s" for v, t in times.items())
+    line = ", ".join(f"{v} {median(t):.3f} s" for v, t in times.items())
     print(f"\n{backbone} stage {stage} policy step (median of {ROUNDS} interleaved rounds, "
           f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}): {line}; over sequential: "
           + ", ".join(f"{v} {r:.3f}" for v, r in ratios.items()))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from statistics import median
 from typing import Callable, Iterator
 
 import pytest
@@ -60,11 +61,6 @@ def _variant(name: str) -> Iterator[None]:
         fast_heads._relu_dropout = fused
 
 
-def _median(v: list[float]) -> float:
-    s = sorted(v)
-    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
-
-
 def _interleaved(step: Callable[[str], float], rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for v in VARIANTS:
@@ -76,12 +72,12 @@ def _interleaved(step: Callable[[str], float], rounds: int) -> dict[str, list[fl
 
 
 def _report(benchmark, case: str, times: dict[str, list[float]], fused_step: Callable[[], object]) -> None:
-    ratio = _median(times["fused"]) / _median(times["two-pass"])
+    ratio = median(times["fused"]) / median(times["two-pass"])
     benchmark.pedantic(fused_step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     load = os.getloadavg()
     benchmark.extra_info.update({"case": case, "threads": torch.get_num_threads(), "seconds": times,
                                  "fused_over_two_pass": ratio, "load_avg": load})
-    line = ", ".join(f"{v} {_median(t) * 1e3:.1f} ms (p20-p80 {sorted(t)[len(t) // 5] * 1e3:.1f}-"
+    line = ", ".join(f"{v} {median(t) * 1e3:.1f} ms (p20-p80 {sorted(t)[len(t) // 5] * 1e3:.1f}-"
                      f"{sorted(t)[(4 * len(t)) // 5] * 1e3:.1f})" for v, t in times.items())
     print(f"\n{case} fwd+bwd (median of {len(times['fused'])} interleaved rounds, {torch.get_num_threads()} "
           f"threads, load {load[0]:.1f}): {line}; fused / two-pass = {ratio:.3f}")

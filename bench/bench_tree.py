@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from statistics import median
 
 import pytest
 import torch
@@ -92,20 +93,15 @@ def _interleaved(fn, setup, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def _median(v: list[float]) -> float:
-    s = sorted(v)
-    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
-
-
 def _record(benchmark, what: str, fn, setup) -> None:
     times = _interleaved(fn, setup, ROUNDS)
-    base = _median(times["sequential"])
-    ratios = {v: _median(t) / base for v, t in times.items() if v != "sequential"}
+    base = median(times["sequential"])
+    ratios = {v: median(t) / base for v, t in times.items() if v != "sequential"}
     # pytest-benchmark's own timing of the tree executor, plus the interleaved comparison in extra_info.
     benchmark.pedantic(fn, args=(setup, "tree"), rounds=ROUNDS, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update({"threads": torch.get_num_threads(), "seconds": times,
                                  "over_sequential": ratios, "load_avg": os.getloadavg()})
-    line = ", ".join(f"{v} {_median(t):.3f} s" for v, t in times.items())
+    line = ", ".join(f"{v} {median(t):.3f} s" for v, t in times.items())
     print(f"\n{what} (median of {ROUNDS} interleaved rounds, {torch.get_num_threads()} threads, load "
           f"{os.getloadavg()[0]:.1f}): {line}; over sequential: "
           + ", ".join(f"{v} {r:.3f}" for v, r in ratios.items()))

@@ -24,21 +24,7 @@
 #include <vector>
 
 #include "../gated_residual_common.h"
-
-// Inner loops are built for AVX-512, AVX2 and the baseline ISA and picked at load time (GCC/Clang function
-// multiversioning), since torch extensions compile for the baseline x86-64 ISA. setup.py compiles with
-// -std=c++17, under which GCC contracts no a * b + c into an FMA, so every clone rounds identically.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTSHARE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTSHARE_SIMD_CLONES
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define FASTSHARE_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTSHARE_ALWAYS_INLINE inline
-#endif
+#include "simd_spans.h"
 
 namespace fastshare {
 namespace {
@@ -176,23 +162,7 @@ FASTSHARE_DEFINE_SPANS(double, double, f64)
 FASTSHARE_DEFINE_SPANS(c10::BFloat16, float, bf16)
 #undef FASTSHARE_DEFINE_SPANS
 
-template <typename scalar_t>
-struct Spans;
-template <>
-struct Spans<float> {
-  static constexpr auto fwd = fwd_span_f32;
-  static constexpr auto bwd = bwd_span_f32;
-};
-template <>
-struct Spans<double> {
-  static constexpr auto fwd = fwd_span_f64;
-  static constexpr auto bwd = bwd_span_f64;
-};
-template <>
-struct Spans<c10::BFloat16> {
-  static constexpr auto fwd = fwd_span_bf16;
-  static constexpr auto bwd = bwd_span_bf16;
-};
+FASTSHARE_SPAN_TABLE()
 
 std::vector<SegmentGate> gates_for(const at::Tensor& alpha, const at::Tensor& u, double tau, bool hard) {
   return alpha.scalar_type() == at::kDouble ? segment_gates<double>(alpha, u, tau, hard)

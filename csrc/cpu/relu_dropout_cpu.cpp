@@ -27,19 +27,10 @@
 #include <limits>
 #include <tuple>
 
-// Inner loops built for AVX-512, AVX2 and the baseline ISA, picked at load time (as in gated_residual_cpu.cpp):
-// the 32-bit multiplies of the hash vectorise (vpmulld) only where the ISA has them.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTSHARE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTSHARE_SIMD_CLONES
-#endif
+#include "simd_spans.h"
 
-#if defined(__GNUC__) || defined(__clang__)
-#define FASTSHARE_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTSHARE_ALWAYS_INLINE inline
-#endif
+// Inner loops are multiversioned (simd_spans.h): the 32-bit multiplies of the hash vectorise (vpmulld) only
+// where the ISA has them.
 
 namespace fastshare {
 namespace {
@@ -125,23 +116,7 @@ FASTSHARE_DEFINE_SPANS(double, double, f64)
 FASTSHARE_DEFINE_SPANS(c10::BFloat16, float, bf16)
 #undef FASTSHARE_DEFINE_SPANS
 
-template <typename scalar_t>
-struct Spans;
-template <>
-struct Spans<float> {
-  static constexpr auto fwd = fwd_span_f32;
-  static constexpr auto bwd = bwd_span_f32;
-};
-template <>
-struct Spans<double> {
-  static constexpr auto fwd = fwd_span_f64;
-  static constexpr auto bwd = bwd_span_f64;
-};
-template <>
-struct Spans<c10::BFloat16> {
-  static constexpr auto fwd = fwd_span_bf16;
-  static constexpr auto bwd = bwd_span_bf16;
-};
+FASTSHARE_SPAN_TABLE()
 
 // ---------------------------------------------------------------------------------------------------------
 // Argument checks.

@@ -84,13 +84,12 @@ def aspp_head_forward(head: ASPPHead, x: torch.Tensor) -> torch.Tensor:
     # input's own layout, because cuDNN's channels_last kernels are fast in half precision but not in IEEE
     # float32: on an H200 a float32 step with channels_last dilated head convolutions ran ~10x slower.
     xc = x if x.is_cuda else x.contiguous(memory_format=torch.channels_last)
-    x_rows = _rows(xc)
     point = [j for j, b in enumerate(branches) if b.conv1.dilation[0] >= max(height, width)]
     hidden: list[torch.Tensor | None] = [None] * len(branches)
     if point:
         w_cat = torch.cat([branches[j].conv1.weight[:, :, 1, 1] for j in point], dim=0)  # centre taps
         b_cat = torch.cat([branches[j].conv1.bias for j in point], dim=0)
-        a_cat = _relu_dropout(torch.addmm(b_cat, x_rows, w_cat.t()), branches[point[0]].dropout, training)
+        a_cat = _relu_dropout(torch.addmm(b_cat, _rows(xc), w_cat.t()), branches[point[0]].dropout, training)
         offset = 0
         for j in point:
             n = branches[j].conv1.out_channels

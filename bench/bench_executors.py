@@ -30,12 +30,12 @@ Run (2 threads, as measured for the issue)::
 from __future__ import annotations
 
 import os
-import time
 from statistics import median
 
 import pytest
 import torch
 
+from fastshare.bench.timing import Timed, interleaved_seconds
 from fastshare.executors import batched as batched_module
 from fastshare.losses import task_loss
 from fastshare.model import AdaShareNet
@@ -65,8 +65,8 @@ def setup(request):
     return (request.param,) + _setup(request.param)
 
 
-def _policy_step(setup, stage: int, variant: str) -> float:
-    """Seconds of one policy-learning step of ``variant``."""
+def _policy_step(setup, stage: int, variant: str) -> None:
+    """One policy-learning step of ``variant``."""
     _, model, x, targets, u, opt = setup
     executor = "sequential" if variant == "sequential" else "batched"
     head = batched_module._head
@@ -74,25 +74,13 @@ def _policy_step(setup, stage: int, variant: str) -> float:
         batched_module._head = lambda module, h: module(h)
     inp = x.contiguous(memory_format=torch.channels_last) if variant == "batched-channels-last" else x
     try:
-        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         gates = model.gates("sample", tau=5.0, hard=False, num_train_layers=stage, u=u)
         out = model(inp, gates, executor=executor)
         sum(task_loss(t, out[t], targets[t]) for t in model.tasks).backward()
         opt.step()
-        return time.perf_counter() - t0
     finally:
         batched_module._head = head
-
-
-def _interleaved(setup, stage: int, rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for v in VARIANTS:
-        _policy_step(setup, stage, v)  # warm-up
-    for _ in range(rounds):
-        for v in VARIANTS:
-            times[v].append(_policy_step(setup, stage, v))
-    return times
 
 
 @pytest.mark.benchmark(group="policy_step")
@@ -100,7 +88,7 @@ def _interleaved(setup, stage: int, rounds: int) -> dict[str, list[float]]:
 def test_policy_step(benchmark, setup, stage_of):
     backbone, model = setup[0], setup[1]
     stage = 1 if stage_of == "1" else model.num_blocks
-    times = _interleaved(setup, stage, ROUNDS)
+    times = interleaved_seconds({v: Timed(lambda _, v=v: _policy_step(setup, stage, v)) for v in VARIANTS}, ROUNDS)
     base = median(times["sequential"])
     ratios = {v: median(t) / base for v, t in times.items() if v != "sequential"}
     benchmark.pedantic(_policy_step, args=(setup, stage, "batched"), rounds=ROUNDS, iterations=1,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from statistics import median
 from typing import Callable, Iterator
 
@@ -33,6 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastshare.bench.timing import Timed, interleaved_seconds, quantile
 from fastshare.model import fast_heads
 from fastshare.model.heads import ASPPHead
 from fastshare.ops import relu_dropout
@@ -61,24 +61,14 @@ def _variant(name: str) -> Iterator[None]:
         fast_heads._relu_dropout = fused
 
 
-def _interleaved(step: Callable[[str], float], rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for v in VARIANTS:
-        step(v)  # warm-up
-    for _ in range(rounds):
-        for v in VARIANTS:
-            times[v].append(step(v))
-    return times
-
-
 def _report(benchmark, case: str, times: dict[str, list[float]], fused_step: Callable[[], object]) -> None:
     ratio = median(times["fused"]) / median(times["two-pass"])
     benchmark.pedantic(fused_step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     load = os.getloadavg()
     benchmark.extra_info.update({"case": case, "threads": torch.get_num_threads(), "seconds": times,
                                  "fused_over_two_pass": ratio, "load_avg": load})
-    line = ", ".join(f"{v} {median(t) * 1e3:.1f} ms (p20-p80 {sorted(t)[len(t) // 5] * 1e3:.1f}-"
-                     f"{sorted(t)[(4 * len(t)) // 5] * 1e3:.1f})" for v, t in times.items())
+    line = ", ".join(f"{v} {median(t) * 1e3:.1f} ms (p20-p80 {quantile(t, 0.2) * 1e3:.1f}-"
+                     f"{quantile(t, 0.8) * 1e3:.1f})" for v, t in times.items())
     print(f"\n{case} fwd+bwd (median of {len(times['fused'])} interleaved rounds, {torch.get_num_threads()} "
           f"threads, load {load[0]:.1f}): {line}; fused / two-pass = {ratio:.3f}")
 
@@ -97,15 +87,13 @@ def head_case():
 def test_head_fwd_bwd(benchmark, head_case):
     head, x, grad = head_case
 
-    def run(variant: str) -> float:
+    def run(variant: str) -> None:
         with _variant(variant):
-            t0 = time.perf_counter()
             head.zero_grad(set_to_none=True)
             fast_heads.aspp_head_forward(head, x).backward(grad)
-            return time.perf_counter() - t0
 
-    _report(benchmark, f"head [{B},{C_IN},{SIZE},{SIZE}] width {WIDTH}", _interleaved(run, ROUNDS),
-            lambda: run("fused"))
+    times = interleaved_seconds({v: Timed(lambda _, v=v: run(v)) for v in VARIANTS}, ROUNDS)
+    _report(benchmark, f"head [{B},{C_IN},{SIZE},{SIZE}] width {WIDTH}", times, lambda: run("fused"))
 
 
 @pytest.mark.benchmark(group="heads")
@@ -118,12 +106,14 @@ def test_relu_dropout_op_fwd_bwd(benchmark):
 
     leaf = a.requires_grad_()
 
-    def run(variant: str) -> float:
-        fn = (lambda t: relu_dropout(t, P, True)) if variant == "fused" else (lambda t: _two_pass(t, dropout, True))
+    def fresh_activation(_: int) -> torch.Tensor:
+        """Not timed: as in the head, relu_ works in place on a fresh activation."""
         leaf.grad = None
-        h = leaf * 1.0  # a fresh activation, as in the head (relu_ works in place on it); not timed
-        t0 = time.perf_counter()
-        fn(h).backward(grad)  # also times the backward of h = leaf * 1 (one pass, common to both)
-        return time.perf_counter() - t0
+        return leaf * 1.0
 
-    _report(benchmark, f"relu+dropout op {list(shape)}", _interleaved(run, ROUNDS), lambda: run("fused"))
+    def run(variant: str, h: torch.Tensor) -> None:
+        out = relu_dropout(h, P, True) if variant == "fused" else _two_pass(h, dropout, True)
+        out.backward(grad)  # also the backward of h = leaf * 1 (one pass, common to both)
+
+    times = interleaved_seconds({v: Timed(lambda h, v=v: run(v, h), fresh_activation) for v in VARIANTS}, ROUNDS)
+    _report(benchmark, f"relu+dropout op {list(shape)}", times, lambda: run("fused", fresh_activation(0)))

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import copy
 import os
-import time
+from statistics import median
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastshare.bench.timing import Timed, interleaved_seconds
 from fastshare.model.fast_heads import aspp_head_forward
 from fastshare.ops.pruned_conv import pruned_dilated_kernel
 from fastshare.model.heads import ASPPHead
@@ -142,21 +143,11 @@ def test_across_tasks_equals_loop(case):
 @pytest.mark.benchmark(group="heads-across-tasks")
 def test_heads_fwd_bwd(benchmark, case):
     heads, h, grads = case
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-
-    def step(variant: str) -> float:
-        t0 = time.perf_counter()
-        _run(heads, h, grads, variant)
-        return time.perf_counter() - t0
-
-    for v in VARIANTS:
-        step(v)
-    for _ in range(ROUNDS):
-        for v in VARIANTS:
-            times[v].append(step(v))
-    med = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+    times = interleaved_seconds({v: Timed(lambda _, v=v: _run(heads, h, grads, v)) for v in VARIANTS}, ROUNDS)
+    med = {v: median(t) for v, t in times.items()}
     ratios = {v: med[v] / med["loop"] for v in VARIANTS[1:]}
-    benchmark.pedantic(lambda: step("across-tasks"), rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(lambda: _run(heads, h, grads, "across-tasks"), rounds=ROUNDS, iterations=1,
+                       warmup_rounds=0)
     load = os.getloadavg()
     benchmark.extra_info.update({"seconds": times, "over_loop": ratios, "load_avg": load,
                                  "threads": torch.get_num_threads()})

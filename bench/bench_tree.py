@@ -21,7 +21,6 @@ The ratio lines printed at the end (and stored in ``extra_info``) compare median
 from __future__ import annotations
 
 import os
-import time
 from statistics import median
 
 import pytest
@@ -29,6 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastshare.bench.steps import nyu_example_policy
+from fastshare.bench.timing import Timed, interleaved_seconds
 from fastshare.executors import tree as tree_module
 from fastshare.losses import task_loss
 from fastshare.model import AdaShareNet
@@ -68,33 +68,21 @@ def _inference(setup, executor: str) -> None:
         model(x, gates, executor=executor)
 
 
-def _call(fn, setup, variant: str) -> float:
-    """Seconds of one call; ``tree-plain-heads`` is the tree executor with the heads' own forward."""
+def _call(fn, setup, variant: str) -> None:
+    """One call of ``fn`` under ``variant``; ``tree-plain-heads`` is the tree executor with the heads' own
+    forward."""
     fast_heads = tree_module._head_forward
     if variant == "tree-plain-heads":
         tree_module._head_forward = None
     try:
-        t0 = time.perf_counter()
         fn(setup, "sequential" if variant == "sequential" else "tree")
-        return time.perf_counter() - t0
     finally:
         tree_module._head_forward = fast_heads
 
 
-def _interleaved(fn, setup, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, rounds alternating between them after one warm-up each."""
-    variants = ["sequential", "tree"] + (["tree-plain-heads"] if tree_module._head_forward is not None else [])
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for v in variants:
-        _call(fn, setup, v)
-    for _ in range(rounds):
-        for v in variants:
-            times[v].append(_call(fn, setup, v))
-    return times
-
-
 def _record(benchmark, what: str, fn, setup) -> None:
-    times = _interleaved(fn, setup, ROUNDS)
+    variants = ["sequential", "tree"] + (["tree-plain-heads"] if tree_module._head_forward is not None else [])
+    times = interleaved_seconds({v: Timed(lambda _, v=v: _call(fn, setup, v)) for v in variants}, ROUNDS)
     base = median(times["sequential"])
     ratios = {v: median(t) / base for v, t in times.items() if v != "sequential"}
     # pytest-benchmark's own timing of the tree executor, plus the interleaved comparison in extra_info.

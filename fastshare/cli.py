@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any, Callable, Sequence
 
 import torch
@@ -89,29 +90,12 @@ def _format_metrics(metrics: dict[str, dict[str, float]]) -> str:
                      for task, vals in metrics.items())
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], Any]], steps: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed round by round (one call of each per round, after
-    one warm-up call each) so that load drift on a shared machine hits them alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-
-
 def measure_speedup(trainer: Any, policy: torch.Tensor, steps: int = 3) -> dict[str, Any]:
     """Seconds per training step (forward + backward) of the re-training model with ``policy`` under the
     sequential reference and the executor ``auto`` picks for a fixed policy, on the same batch (medians of
     ``steps`` interleaved rounds)."""
     from fastshare import executors
+    from fastshare.bench.timing import Timed, interleaved_seconds
     from fastshare.train.phases import task_losses
     from fastshare.losses import total_task_loss
 
@@ -120,14 +104,16 @@ def measure_speedup(trainer: Any, policy: torch.Tensor, steps: int = 3) -> dict[
     batch = trainer._batch("train")
     fast = executors.resolve("auto", gates)
 
-    def step(name: str) -> Callable[[], None]:
-        def run() -> None:
+    def step(name: str) -> Timed:
+        def run(_: object) -> None:
             net.zero_grad(set_to_none=True)
             out = net(batch["img"], gates, executor=name)
             total_task_loss(task_losses(out, batch, trainer.tasks), trainer.lambdas).backward()
-        return run
+        return Timed(run)
 
-    t = _interleaved_medians({name: step(name) for name in dict.fromkeys(("sequential", fast))}, steps)
+    names = dict.fromkeys(("sequential", fast))
+    times = interleaved_seconds({name: step(name) for name in names}, steps, device=batch["img"].device)
+    t = {name: median(ts) for name, ts in times.items()}
     net.zero_grad(set_to_none=True)
     return {"fast_executor": fast, "sequential_s": t["sequential"], "fast_s": t[fast],
             "speedup": t["sequential"] / t[fast]}

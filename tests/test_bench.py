@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 
 import pytest
 import torch
@@ -37,6 +38,20 @@ def test_time_interleaved_rounds_and_order():
     assert calls[4:] == ["a", "b"] * 4  # warm-up (2 each), then interleaved rounds
     assert prepared == [0, 1, 0, 1, 2, 3]  # prepare gets the round index (input rotation)
     assert all(t >= 0 for t in stats["a"].times_ms)
+
+
+def test_interleaved_seconds_fixed_rounds():
+    calls: list[str] = []
+
+    def sleeper(name: str, seconds: float) -> bench.Timed:
+        return bench.Timed(lambda _: (calls.append(name), time.sleep(seconds)))
+
+    times = bench.interleaved_seconds({"fast": sleeper("fast", 0.0), "slow": sleeper("slow", 0.02)}, 3)
+    assert calls == ["fast", "slow"] * 4  # one warm-up each, then 3 interleaved rounds
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert min(times["slow"]) >= 0.02 > max(times["fast"])  # seconds, not milliseconds
+    with pytest.raises(ValueError, match="rounds"):
+        bench.interleaved_seconds({"fast": sleeper("fast", 0.0)}, 0)
 
 
 def test_bytes_accounting():

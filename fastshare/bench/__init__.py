@@ -43,11 +43,11 @@ from fastshare.bench.op_cases import op_backends, op_forward
 from fastshare.bench.steps import (StepVariant, capture_cuda_graph, nyu_example_policy, run_step_cases, step_policy,
                                    step_variants)
 from fastshare.bench.suite import main, run_suite
-from fastshare.bench.timing import Timed, TimingStats, quantile, time_interleaved, timing_stats
+from fastshare.bench.timing import Timed, TimingStats, interleaved_seconds, quantile, time_interleaved, timing_stats
 
 __all__ = [
     "SCHEMA", "TimingStats", "Timed", "PrepassError", "CaseResult", "SuiteConfig", "MatmulRates", "StepVariant",
-    "quantile", "timing_stats", "time_interleaved",
+    "quantile", "timing_stats", "time_interleaved", "interleaved_seconds",
     "GATED_RESIDUAL_ELEMENT_IO", "gated_residual_bytes", "gbps", "measure_copy_bandwidth", "measure_matmul_tflops",
     "rotation_copies",
     "device_slug", "device_name", "git_commit", "source_digest", "environment",

@@ -102,3 +102,13 @@ def time_interleaved(items: Mapping[str, Timed], device: torch.device | str, *, 
         torch.cuda.synchronize(device)
         times = {name: [s.elapsed_time(e) for s, e in ev] for name, ev in events.items()}
     return {name: timing_stats(t) for name, t in times.items()}
+
+
+def interleaved_seconds(items: Mapping[str, Timed], rounds: int, device: torch.device | str = "cpu"
+                        ) -> dict[str, list[float]]:
+    """Per-call seconds of each variant over exactly ``rounds`` interleaved rounds, after one warm-up call
+    each (:func:`time_interleaved` with a fixed round count, in the seconds the bench files report)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    stats = time_interleaved(items, device, warmup=1, min_rounds=rounds, max_rounds=rounds)
+    return {name: [t / 1e3 for t in s.times_ms] for name, s in stats.items()}

@@ -8,15 +8,18 @@
 #   2. steps, ResNet-34: policy (curriculum stage 1 and L), re-train, inference at 321x321, B=16, K=3;
 #      sequential vs batched/tree, fp32, tf32 and bf16 + channels_last, eager and graphed  <= 200 s
 #   3. op benchmarks: the issue-3 target shape [48,256,81,81], every op backend           <=  50 s
-#   4. GPU tests               (python -m pytest -m "gpu or triton" tests/: Triton compiled)  <= 110 s
-#   5. the heads' dilated 3x3 convolution split in bands vs padded (bench_pruned_conv.py)  <=  60 s
-#   6. steps, ResNet-18 (as 2)                                                             <= 130 s
-#   7. op benchmarks at the other ResNet activation shapes + gated blocks                  <=  90 s
-#   8. summary table printed last
+#   4. the ResNet-34 policy steps of 2 once more with cuDNN's algorithm search on
+#      (--cudnn-benchmark: a run of its own, cuDNN caches one plan per convolution)        <= 120 s
+#   5. GPU tests               (python -m pytest -m "gpu or triton" tests/: Triton compiled)  <= 110 s
+#   6. the heads' dilated 3x3 convolution split in bands vs padded (bench_pruned_conv.py)  <=  60 s
+#   7. steps, ResNet-18 (as 2)                                                             <= 130 s
+#   8. op benchmarks at the other ResNet activation shapes + gated blocks                  <=  90 s
+#   9. summary table printed last
 #
 # FASTSHARE_SUITE_ONLY="build steps-resnet34 ..." runs only the named steps (in this order).
 #
-# Results: "$OUT/<device-slug>-<date>-{steps-resnet34,target,pruned-conv,steps-resnet18,op}.json" ($OUT is set by the
+# Results: "$OUT/<device-slug>-<date>-{steps-resnet34,target,policy-resnet34-cudnn-benchmark,pruned-conv,steps-resnet18,
+# op}.json" ($OUT is set by the
 # runner; default bench/results); every step's log is appended to "$OUT/gpu_suite.log".
 set -u
 cd "$(dirname "$0")/.."
@@ -68,6 +71,8 @@ SLUG=$(python3 -c "from fastshare.bench import device_slug; print(device_slug('c
 R="$OUT/$SLUG-$DAY"
 step steps-resnet34 200 python3 -m fastshare.bench --device cuda --filter step/resnet34/ --out "$R-steps-resnet34.json"
 step bench-target 50 python3 -m fastshare.bench --device cuda --filter gr/48x256x81x81 --out "$R-target.json"
+step policy-cudnn-benchmark 120 python3 -m fastshare.bench --device cuda --cudnn-benchmark \
+    --filter step/resnet34/policy --out "$R-policy-resnet34-cudnn-benchmark.json"
 step tests 110 env FASTSHARE_REQUIRE_BACKENDS=cpu,cuda,triton python3 -m pytest -m "gpu or triton" -q -p no:cacheprovider tests/
 step bench-pruned-conv 60 python3 -m pytest bench/bench_pruned_conv.py --benchmark-only -s -q -p no:cacheprovider \
     --benchmark-json "$R-pruned-conv.json"
@@ -77,7 +82,8 @@ step bench-op 90 python3 -m fastshare.bench --device cuda --filter gr/48x64x81x8
 
 echo "=== summary"
 printf '%s\n' "${status[@]}"
-python3 - "$R-steps-resnet34.json" "$R-target.json" "$R-steps-resnet18.json" "$R-op.json" <<'PY'
+python3 - "$R-steps-resnet34.json" "$R-target.json" "$R-policy-resnet34-cudnn-benchmark.json" "$R-steps-resnet18.json" \
+    "$R-op.json" <<'PY'
 """Short summary: issue-3 targets at [48,256,81,81] and the speed-ups of every other case."""
 import json
 import sys
@@ -89,11 +95,13 @@ for path in map(Path, sys.argv[1:]):
         continue
     doc = json.loads(path.read_text())
     rates = doc["reference_rates"]
-    print(f"{path.name}: {doc['device']['name']} commit {doc['git_commit'][:12]} copy {rates['copy_gbps']:.0f} GB/s"
+    print(f"{path.name}: {doc['device']['name']} commit {doc['git_commit'][:12]}"
+          f"{' cuDNN search on' if doc['config'].get('cudnn_benchmark') else ''} copy {rates['copy_gbps']:.0f} GB/s"
           + "".join(f" {d} mm {v:.0f} TFLOP/s" for d, v in rates.get("matmul_tflops", {}).items()))
     for c in doc["config"].get("conv_split", {}).get("choices", []):
         print(f"  heads' conv split: {'SPLIT ' if c['split'] else 'padded'} d={c['dilation']} x={c['x_shape']} "
-              f"{c['dtype']} cl={c['channels_last']} backward={c['backward']} tf32={c['tf32']}")
+              f"{c['dtype']} cl={c['channels_last']} backward={c['backward']} tf32={c['tf32']} "
+              f"cudnn_search={c.get('cudnn_benchmark')}")
     print(f"{'case':58s} {'median ms':>10s} {'GB/s':>7s} {'%copy':>6s} {'TFLOP/s':>8s} {'x ref':>6s} {'x comp':>6s}  target")
     for c in doc["cases"]:
         target = ""

@@ -165,7 +165,7 @@ def test_main_quick_writes_valid_json(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.delenv("FASTSHARE_CONV_SPLIT", raising=False)
-    key = ("cuda:0", torch.float32, (16, 512, 41, 41), False, (1024, 512, 3, 3), True, 24, True, False)
+    key = ("cuda:0", torch.float32, (16, 512, 41, 41), False, (1024, 512, 3, 3), True, 24, True, False, False)
     monkeypatch.setattr(pruned_conv, "split_choice_cache", {key: True})
     out = tmp_path / "res.json"
     rc = bench.main(["--quick", "--device", "cpu", "--filter", "gr/12x64x64x64/fp32/reference/fwd", "--out",
@@ -180,7 +180,27 @@ def test_main_quick_writes_valid_json(tmp_path, monkeypatch):
     assert doc["config"]["conv_split"] == {"mode": "auto", "choices": [
         {"device": "cuda:0", "dtype": "torch.float32", "x_shape": [16, 512, 41, 41], "channels_last": False,
          "weight_shape": [1024, 512, 3, 3], "bias": True, "dilation": 24, "backward": True, "tf32": False,
-         "split": True}]}
+         "cudnn_benchmark": False, "split": True}]}
+    assert doc["config"]["cudnn_benchmark"] is False
+
+
+def test_main_cudnn_benchmark_flag_holds_for_the_run_only(tmp_path, monkeypatch):
+    from fastshare.bench import suite
+
+    seen: list[bool] = []
+    real = suite.run_suite
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "run_suite", spy)
+    before = torch.backends.cudnn.benchmark
+    out = tmp_path / "res.json"
+    assert bench.main(["--quick", "--device", "cpu", "--cudnn-benchmark", "--filter",
+                       "gr/12x64x64x64/fp32/reference/fwd+bwd", "--out", str(out)]) == 0
+    assert seen == [True] and torch.backends.cudnn.benchmark == before
+    assert json.loads(out.read_text())["config"]["cudnn_benchmark"] is True
 
 
 def test_main_no_match(tmp_path):

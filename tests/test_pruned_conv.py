@@ -290,9 +290,13 @@ def test_tuning_keeps_the_faster_and_times_each_shape_once(monkeypatch, empty_ca
         assert pruned_conv._choose_split(x, weight, b, 6, timer=fake_timer) is faster
     assert len(timed) == 1
     (key,) = empty_cache.split_choice_cache
-    assert key[-2] is True, "weight requires grad: forward and backward are timed"
-    assert key[-1] is False, "TF32 is a CUDA float32 matter"
+    assert key[-3] is True, "weight requires grad: forward and backward are timed"
+    assert key[-2] is False, "TF32 is a CUDA float32 matter"
+    assert key[-1] is False, "cuDNN's algorithm search is a CUDA matter"
     assert weight.grad is None, "timing must not leave gradients behind"
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True):
+        pruned_conv._choose_split(x, weight, b, 6, timer=fake_timer)
+    assert len(timed) == 1, "on the CPU, cuDNN's flags change nothing"
     with torch.no_grad():
         pruned_conv._choose_split(x, weight, b, 6, timer=fake_timer)
     assert len(timed) == 2, "forward-only calls are a shape of their own"
@@ -343,6 +347,9 @@ def test_cuda_matches_padded_conv(dtype, channels_last, monkeypatch, empty_cache
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
             pruned_conv3x3(*same_call, 12)
         assert len(empty_cache.split_choice_cache) == 2
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):  # cuDNN's own search
+            pruned_conv3x3(*same_call, 12)
+        assert len(empty_cache.split_choice_cache) == 3
 
 
 @pytest.mark.gpu

@@ -146,7 +146,8 @@ def _step_model(sc: Mapping[str, Any], backbone: str, step: str, device: torch.d
 def _precision(precision: str, device: torch.device, graph: bool = False) -> Iterator[None]:
     """``fp32``: TF32 off in cuDNN and matmuls (IEEE float32, like the float64 oracle's arithmetic);
     ``tf32``: TF32 on in both; ``bf16cl``: bfloat16 autocast (its cast cache off inside a CUDA graph
-    capture, as PyTorch advises)."""
+    capture, as PyTorch advises). cuDNN's other flags (algorithm search, determinism) stay as the run
+    set them."""
     if precision == "bf16cl":
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph):
             yield
@@ -158,7 +159,8 @@ def _precision(precision: str, device: torch.device, graph: bool = False) -> Ite
     old_mm = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+        with torch.backends.cudnn.flags(enabled=True, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=tf32):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_mm

@@ -62,6 +62,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "bench/results/<device-slug>-<YYYY-MM-DD>.json")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="run every case with cuDNN's algorithm search (torch.backends.cudnn.benchmark = True) "
+                   "instead of its heuristics; recorded as config.cudnn_benchmark. A whole run, not a variant: "
+                   "cuDNN caches one plan per convolution whichever way it was chosen")
     return p.parse_args(argv)
 
 
@@ -81,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = Path(args.out)
         if path.suffix != ".json":
             path = default_results_path(device, root=path)
-    config = {**dataclasses.asdict(cfg), "filter": args.filter, "step_fp32_tf32": False}
+    config = {**dataclasses.asdict(cfg), "filter": args.filter, "step_fp32_tf32": False,
+              "cudnn_benchmark": args.cudnn_benchmark}
 
     def run_config(partial: bool) -> dict[str, Any]:
         # The fast heads' split choices are made while the steps run (timed per shape on CUDA).
@@ -91,7 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def partial(rates: dict[str, Any], done: list[CaseResult], skipped: dict[str, str]) -> None:
         write_results(path, env, run_config(True), rates, done, skipped)
 
-    rates, results, skipped = run_suite(cfg, args.filter, progress=partial)
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=args.cudnn_benchmark,
+                                    deterministic=torch.backends.cudnn.deterministic,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+        rates, results, skipped = run_suite(cfg, args.filter, progress=partial)
     if not results:
         log(f"fastshare bench: no case matches --filter {' / '.join(args.filter or [])!r}")
         return 2

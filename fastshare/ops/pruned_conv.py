@@ -310,7 +310,8 @@ split_choice_cache: dict[tuple, bool] = {}
 
 def split_choices() -> list[dict[str, object]]:
     """The choices made so far, JSON-ready (for benchmark result files): one dict per timed shape."""
-    names = ("device", "dtype", "x_shape", "channels_last", "weight_shape", "bias", "dilation", "backward", "tf32")
+    names = ("device", "dtype", "x_shape", "channels_last", "weight_shape", "bias", "dilation", "backward", "tf32",
+             "cudnn_benchmark")
     return [{**{n: (str(v) if n == "dtype" else v) for n, v in zip(names, key)}, "split": split}
             for key, split in split_choice_cache.items()]
 
@@ -318,11 +319,13 @@ def split_choices() -> list[dict[str, object]]:
 def _tuning_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, backward: bool
                 ) -> tuple:
     """What the timing depends on: device, dtype, shapes, layout, bias, rate, whether a backward follows,
-    and for CUDA float32 whether TF32 is allowed (both forms follow cuDNN's flag, and TF32 changes which
-    is faster)."""
+    for CUDA float32 whether TF32 is allowed (both forms follow cuDNN's flag, and TF32 changes which is
+    faster), and on CUDA whether cuDNN searches its algorithms (``torch.backends.cudnn.benchmark``: it
+    changes the padded form's speed)."""
     tf32 = x.is_cuda and x.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    searched = x.is_cuda and bool(torch.backends.cudnn.benchmark)
     return (str(x.device), x.dtype, tuple(x.shape), _layout(x) == torch.channels_last, tuple(weight.shape),
-            bias is not None, dilation, backward, tf32)
+            bias is not None, dilation, backward, tf32, searched)
 
 
 def _split_mode() -> str:

@@ -109,8 +109,9 @@ def check_residual_args(f: torch.Tensor, r: torch.Tensor, alpha: torch.Tensor, u
 
 def check_batch_norm_args(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                          seg: torch.Tensor) -> None:
-    """Checks for ``segmented_batch_norm``: ``x`` ``(N, C, ...)``, per-channel tensors ``(C,)``."""
+                          seg: torch.Tensor, use_batch_stats: bool = True) -> None:
+    """Checks for ``segmented_batch_norm``: ``x`` ``(N, C, ...)``, per-channel tensors ``(C,)``; every
+    segment non-empty when its batch statistics are used (``use_batch_stats``)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim < 2:
@@ -126,4 +127,5 @@ def check_batch_norm_args(x: torch.Tensor, weight: torch.Tensor | None, bias: to
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
-    check_seg(seg, x.shape[0], seg.numel() - 1 if isinstance(seg, torch.Tensor) else 0, allow_empty=False)
+    check_seg(seg, x.shape[0], seg.numel() - 1 if isinstance(seg, torch.Tensor) else 0,
+              allow_empty=not use_batch_stats)

@@ -147,8 +147,9 @@ def gated_residual_backward_ref(grad: torch.Tensor, f: torch.Tensor, r: torch.Te
     df = g0 * m * d32
     dr = (g0 * m + g1) * d32
     n_seg = alpha.shape[0]
-    per_row0 = (d32 * torch.relu(s)).reshape(f.shape[0], -1).sum(1)
-    per_row1 = (d32 * r32).reshape(f.shape[0], -1).sum(1)
+    row_dims = tuple(range(1, f.ndim))  # (not reshape(N, -1): that cannot infer -1 when N = 0)
+    per_row0 = (d32 * torch.relu(s)).sum(row_dims)
+    per_row1 = (d32 * r32).sum(row_dims)
     dg = torch.zeros(n_seg, 2, dtype=dt, device=f.device)
     dg[:, 0].index_add_(0, ids, per_row0)
     dg[:, 1].index_add_(0, ids, per_row1)
@@ -170,14 +171,15 @@ def segmented_batch_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias:
         momentum: running-statistics momentum ``m``.
         eps: variance epsilon.
         training: batch statistics per segment (and running-statistics update) if True, running
-            statistics for all rows otherwise.
+            statistics for all rows otherwise (batch statistics per segment when there are none).
 
     In training, the running statistics are updated once per segment in segment order, exactly as ``S``
     sequential ``F.batch_norm`` calls: ``rm <- (1-m)^S rm + sum_k m (1-m)^(S-k) mean_k``, with the
     unbiased variance for ``running_var``. The caller adds ``S`` to ``num_batches_tracked``.
     """
-    check_batch_norm_args(x, weight, bias, running_mean, running_var, seg)
-    if not training:
+    use_batch_stats = training or running_mean is None
+    check_batch_norm_args(x, weight, bias, running_mean, running_var, seg, use_batch_stats)
+    if not use_batch_stats:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
     bounds = seg.tolist()
     parts = [F.batch_norm(x[lo:hi], running_mean, running_var, weight, bias, True, momentum, eps)

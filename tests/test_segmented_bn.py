@@ -122,6 +122,61 @@ def test_bfloat16_input_float32_parameters():
     _assert_close(rm, rm_ref, 1e-5, "running_mean")
 
 
+@pytest.mark.parametrize("params", ["none", "bf16"])
+def test_bfloat16_input_low_precision_parameters(params):
+    """ATen's CPU kernels keep bf16 statistics for bf16 input without float32 parameters; the op still
+    returns float32 statistics, and output and gradients stay within bf16 tolerance of float64."""
+    x, w, b, rm, rv, seg = _inputs([0, 3, 7], channels=6, hw=(4, 5), dtype=torch.float64)
+    affine = (None, None) if params == "none" else (w.bfloat16(), b.bfloat16())
+    leaves = [x.bfloat16().requires_grad_()] + [t.requires_grad_() for t in affine if t is not None]
+    out, save_mean, save_invstd = torch.ops.fastshare.segmented_batch_norm(leaves[0], *affine, None, None, seg,
+                                                                           1e-5, True)
+    assert out.dtype == torch.bfloat16 and save_mean.dtype == save_invstd.dtype == torch.float32
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    w64, b64 = (None, None) if params == "none" else leaves64[1:]
+    ref = torch.cat([F.batch_norm(leaves64[0][lo:hi], None, None, w64, b64, True, 0.1, 1e-5)
+                     for lo, hi in ((0, 3), (3, 7))])
+    want = torch.autograd.grad(ref, leaves64, grad.double())
+    _assert_close(out, ref, 2e-2, "output")
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        assert a.dtype == torch.bfloat16
+        _assert_close(a, e, 2e-2, name)
+
+
+def test_bfloat16_module_in_segments():
+    torch.manual_seed(0)
+    bn = SegmentedBatchNorm2d(4).bfloat16()
+    ref = copy.deepcopy(bn).double()
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    with batch_segments([0, 2, 6]):
+        out = bn(x.bfloat16())
+    ref_out = torch.cat([ref(x[:2]), ref(x[2:])])
+    _assert_close(out, ref_out, 2e-2, "output")
+    _assert_close(bn.running_mean, ref.running_mean, 2e-2, "running_mean")
+    _assert_close(bn.running_var, ref.running_var, 2e-2, "running_var")
+
+
+def test_eval_allows_empty_segments_and_batches():
+    """Eval with running statistics never looks at the segments (F.batch_norm accepts N = 0 there)."""
+    x, w, b, rm, rv, seg = _inputs([0, 3, 3, 5])
+    want = F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
+    for fn in (segmented_batch_norm, segmented_batch_norm_ref):
+        _assert_close(fn(x, w, b, rm, rv, seg, 0.1, 1e-5, False), want, 1e-12, fn.__name__)
+        empty = fn(x[:0], w, b, rm, rv, torch.tensor([0, 0]), 0.1, 1e-5, False)
+        assert empty.shape == (0,) + tuple(x.shape[1:])
+        with pytest.raises(ValueError, match="at least one row"):
+            fn(x, w, b, rm, rv, seg, 0.1, 1e-5, True)
+
+
+def test_reference_eval_without_running_stats_uses_segment_statistics():
+    x, w, b, _, _, seg = _inputs([0, 2, 5])
+    want = torch.cat([F.batch_norm(x[lo:hi], None, None, w, b, True, 0.1, 1e-5) for lo, hi in ((0, 2), (2, 5))])
+    for fn in (segmented_batch_norm, segmented_batch_norm_ref):
+        _assert_close(fn(x, w, b, None, None, seg, 0.1, 1e-5, False), want, 1e-12, fn.__name__)
+
+
 def test_gradcheck_float64():
     x, w, b, rm, rv, seg = _inputs([0, 2, 5], channels=3, hw=(2, 3))
     args = [t.requires_grad_() for t in (x, w, b)]

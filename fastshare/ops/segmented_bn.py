@@ -43,6 +43,24 @@ def _bounds(seg: torch.Tensor) -> list[int]:
     return [int(v) for v in seg.tolist()]
 
 
+def _kernel_affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The affine parameters handed to ATen's batch-norm kernels.
+
+    For float16/bfloat16 ``x`` they are float32 (ones and zeros when absent): ATen's CPU kernels return the
+    batch statistics in the parameters' dtype when it is ``x``'s (or when there are none), and only the
+    mixed-precision path gives float32 statistics on every device, which the running-statistics update
+    needs and this op's outputs promise.
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16) or (weight is not None and weight.dtype == torch.float32
+                                                            and (bias is None or bias.dtype == torch.float32)):
+        return weight, bias
+    channels = x.shape[1]
+    w = x.new_ones(channels, dtype=torch.float32) if weight is None else weight.float()
+    b = x.new_zeros(channels, dtype=torch.float32) if bias is None else bias.float()
+    return w, b
+
+
 def _segmented_bn_fwd_impl(x, weight, bias, running_mean, running_var, seg, eps, use_batch_stats):
     """Launcher: one ATen batch-norm per segment into the segment's slice of ``out``.
 
@@ -60,6 +78,7 @@ def _segmented_bn_fwd_impl(x, weight, bias, running_mean, running_var, seg, eps,
     n_seg, channels = len(bounds) - 1, x.shape[1]
     save_mean = x.new_empty((n_seg, channels), dtype=sdt)
     save_invstd = x.new_empty((n_seg, channels), dtype=sdt)
+    weight, bias = _kernel_affine(x, weight, bias)
     for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         torch.ops.aten.native_batch_norm.out(x[lo:hi], weight, bias, None, None, True, 0.0, eps,
                                              out=out[lo:hi], save_mean=save_mean[s], save_invstd=save_invstd[s])
@@ -141,17 +160,20 @@ def _segmented_bn_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: Optio
         dims = [0] + list(range(2, x.ndim))
         dw = (g * (x.to(cdt) - running_mean.to(cdt).reshape(view))).sum(dims) * istd
         return dx, dw.to(pdt), g.sum(dims).to(pdt)
-    dw = x.new_zeros((channels,), dtype=pdt)
-    db = x.new_zeros((channels,), dtype=pdt)
+    kernel_weight, _ = _kernel_affine(x, weight, None)
+    # Summed over segments in the kernels' parameter dtype (float32 for low-precision x), then cast.
+    acc = kernel_weight.dtype if kernel_weight is not None else pdt
+    dw = x.new_zeros((channels,), dtype=acc)
+    db = x.new_zeros((channels,), dtype=acc)
     bounds = _bounds(seg)
     for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad[lo:hi], x[lo:hi], weight, None, None,
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad[lo:hi], x[lo:hi], kernel_weight, None, None,
                                                                save_mean[s], save_invstd[s], True, eps,
                                                                [True, True, True])
         dx[lo:hi].copy_(gx)
         dw.add_(gw)
         db.add_(gb)
-    return dx, dw, db
+    return dx, dw.to(pdt), db.to(pdt)
 
 
 @_segmented_bn_backward_op.register_fake
@@ -206,8 +228,8 @@ def segmented_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
         x: ``(N, C, ...)``; contiguous or channels_last (other layouts are copied to contiguous).
         weight, bias: ``(C,)`` affine parameters or ``None``.
         running_mean, running_var: ``(C,)`` buffers, updated in place in training, or ``None``.
-        seg: int64 ``(S + 1,)`` row offsets, every segment non-empty; keep it on the CPU (it is read on
-            the host to slice the rows).
+        seg: int64 ``(S + 1,)`` row offsets, every segment non-empty when batch statistics are used; keep
+            it on the CPU (it is read on the host to slice the rows).
         momentum: running-statistics momentum ``m`` (a float; PyTorch's cumulative ``None`` is not
             supported here).
         eps: variance epsilon.
@@ -226,7 +248,8 @@ def segmented_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
         >>> y = segmented_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
         ...                          torch.tensor([0, 4, 8, 12]), 0.1, 1e-5, True)
     """
-    check_batch_norm_args(x, weight, bias, running_mean, running_var, seg)
+    use_batch_stats = bool(training) or running_mean is None
+    check_batch_norm_args(x, weight, bias, running_mean, running_var, seg, use_batch_stats)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if momentum is None or not 0.0 <= float(momentum) <= 1.0:
@@ -236,7 +259,6 @@ def segmented_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     fmt = _memory_format(x)
     if not x.is_contiguous(memory_format=fmt):
         x = x.contiguous()
-    use_batch_stats = bool(training) or running_mean is None
     values_per_row = 1
     for d in x.shape[2:]:
         values_per_row *= int(d)

@@ -66,13 +66,31 @@ def test_op_matches_reference_forward_and_backward(backend, hard):
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
-def test_opcheck_gated_residual(backend):
+@pytest.mark.parametrize("alpha_layout", ["contiguous", "transposed"])
+def test_opcheck_gated_residual(backend, alpha_layout):
     f, r, alpha, u, seg = _inputs(seed=3)
+    if alpha_layout == "transposed":  # dense, strides (1, S): the fake's dalpha must still be contiguous
+        alpha = alpha.t().contiguous().t()
     for t in (f, r, alpha):
         t.requires_grad_()
+    grad = torch.randn_like(f)
     for hard in (False, True):
         torch.library.opcheck(torch.ops.fastshare.gated_residual.default,
                               (f, r, alpha, u, 1.1, hard, seg, backend))
+        torch.library.opcheck(torch.ops.fastshare.gated_residual_backward.default,
+                              (grad, f.detach(), r.detach(), alpha.detach(), u, 1.1, hard, seg, backend, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_empty_batch_forward_and_backward(backend):
+    f, r, alpha, u, _ = _inputs(seed=5)
+    f, r = f[:0], r[:0]
+    seg = torch.zeros(4, dtype=torch.int64)
+    out = fastshare.gated_residual(f, r, alpha, u, 1.0, False, seg, backend=backend)
+    assert out.shape == f.shape
+    df, dr, dalpha = torch.ops.fastshare.gated_residual_backward(torch.randn_like(f), f, r, alpha, u, 1.0, False,
+                                                                 seg, backend, True)
+    assert df.shape == dr.shape == f.shape and torch.equal(dalpha, torch.zeros_like(alpha))
 
 
 def test_opcheck_gumbel_gate():
@@ -80,6 +98,15 @@ def test_opcheck_gumbel_gate():
     u = torch.rand(4, 2).clamp_(1e-6, 1 - 1e-6)
     for hard in (False, True):
         torch.library.opcheck(torch.ops.fastshare.gumbel_gate.default, (alpha, u, 0.7, hard))
+
+
+def test_gumbel_gate_keeps_float32_noise_for_bfloat16_logits():
+    """u = 0.999 is valid noise; rounded to bf16 it would be 1.0 (rejected) and others would shift the gate."""
+    alpha = torch.randn(3, 2).bfloat16()
+    u = torch.tensor([[0.999, 0.3], [0.123456, 0.654321], [0.5, 0.9995]])
+    got = fastshare.gumbel_gate(alpha, u, 0.5, False)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, R.gumbel_gate_ref(alpha, u, 0.5, False))
 
 
 def test_gumbel_gate_op_matches_reference_and_gradient():
@@ -118,6 +145,33 @@ def test_compiled_gated_block_has_no_graph_break_and_matches_eager(backend):
     out_e.sum().backward()
     assert_close_verbose(out_c, out_e, 1e-6, 1e-5, "compiled out")
     assert_close_verbose(grad_c, alpha.grad, 1e-6, 1e-5, "compiled dalpha")
+
+
+@pytest.mark.parametrize("switch", ["use_backend", "env"])
+def test_compiled_graph_follows_a_later_backend_request(switch, monkeypatch):
+    """The request (use_backend context, FASTSHARE_BACKEND) is guarded: a compiled graph recompiles when it
+    changes instead of keeping the backend it was traced with."""
+    if "cpu" not in BACKENDS_HERE:
+        skip_or_fail("cpu", "needs the C++ extension")
+    import sys
+
+    module = sys.modules["fastshare.ops.gated_residual"]
+    calls: list[str] = []
+    for name, (fwd, bwd) in list(module._IMPLS.items()):
+        monkeypatch.setitem(module._IMPLS, name,
+                            (lambda *a, _f=fwd, _n=name: (calls.append(_n), _f(*a))[1], bwd))
+    f, r, alpha, u, seg = _inputs(seed=7)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda f, r: fastshare.gated_residual(f, r, alpha, u, 1.0, False, seg),
+                             fullgraph=True, backend="aot_eager")
+    for name in ("reference", "cpu"):
+        if switch == "env":
+            monkeypatch.setenv("FASTSHARE_BACKEND", name)
+            compiled(f, r)
+        else:
+            with use_backend(name):
+                compiled(f, r)
+    assert calls == ["reference", "cpu"]
 
 
 def test_channels_last_and_strided_inputs():

@@ -92,7 +92,8 @@ def _gated_residual_backward_op(grad: torch.Tensor, f: torch.Tensor, r: torch.Te
 
 @_gated_residual_backward_op.register_fake
 def _(grad, f, r, alpha, u, tau, hard, seg, backend, deterministic):
-    return torch.empty_like(f), torch.empty_like(r), torch.empty_like(alpha)
+    # dalpha is a fresh contiguous (S, 2) tensor in every backend, whatever alpha's strides.
+    return torch.empty_like(f), torch.empty_like(r), alpha.new_empty(alpha.shape)
 
 
 def _match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -146,11 +147,17 @@ _gumbel_gate_op.register_autograd(_gumbel_gate_backward, setup_context=_gumbel_g
 # ----------------------------------------------------------------------------------------------------
 # Functional API.
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(explicit: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    # The request (call site, use_backend context, FASTSHARE_BACKEND) is traced, so a compiled graph is
+    # guarded on it and recompiles when it changes; what it resolves to is a constant.
+    return _resolve_request(backends.requested_backend(explicit), device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_request(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     # A constant for torch.compile: dynamo runs this eagerly instead of tracing the availability probes
-    # (importlib, extension import, environment), which some torch versions refuse to trace.
-    return backends.resolve(backends.requested_backend(explicit), device, dtype, "gated_residual_fwd")
+    # (importlib, extension import), which some torch versions refuse to trace.
+    return backends.resolve(requested, device, dtype, "gated_residual_fwd")
 
 
 def _dense_rows(t: torch.Tensor) -> bool:
@@ -213,4 +220,6 @@ def gumbel_gate(alpha: torch.Tensor, u: torch.Tensor, tau: float, hard: bool) ->
         ``y`` with ``alpha``'s shape and dtype.
     """
     check_gate_args(alpha, u, tau)
-    return _gumbel_gate_op(alpha, u.to(alpha.dtype), float(tau), bool(hard))
+    # u keeps at least float32 (a bf16 alpha must not round u = 0.999 to 1); the gate is computed in
+    # float32 or float64 either way (reference.gumbel_gate_ref).
+    return _gumbel_gate_op(alpha, u.to(torch.promote_types(u.dtype, torch.float32)), float(tau), bool(hard))

@@ -231,17 +231,25 @@ def _check_p(p: float) -> None:
                          + (" (p = 1 drops every element; use torch.zeros_like)" if p == 1 else ""))
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(explicit: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """``reference``, ``cpu`` or ``triton``. ``auto``: CPU tensors -> ``cpu`` (else ``reference``), CUDA
     tensors -> ``triton`` (``cuda`` has no relu_dropout kernel; else ``reference``). An explicit
     ``backend="cuda"`` raises; the same request from :func:`use_backend` or ``FASTSHARE_BACKEND`` (meant
     for the ops that have CUDA kernels) is resolved as ``auto``, whose reasons
-    :func:`last_fallback_reasons` keeps."""
-    requested = backends.requested_backend(explicit)
+    :func:`last_fallback_reasons` keeps.
+
+    The request is traced (a compiled graph is guarded on it and recompiles when it changes); what it
+    resolves to is a constant (:func:`_resolve_request`)."""
+    return _resolve_request(backends.requested_backend(explicit), explicit is not None, device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_request(requested: str, explicit: bool, device: torch.device, dtype: torch.dtype) -> str:
+    # A constant for torch.compile: dynamo runs this eagerly instead of tracing the availability probes
+    # (importlib, extension import), which some torch versions refuse to trace.
     if requested in _KERNELS:
         return backends.resolve(requested, device, dtype, _OP)
-    if explicit is not None and requested != "auto":
+    if explicit and requested != "auto":
         raise backends.BackendUnavailableError(
             f"backend {requested!r} cannot run relu_dropout: it has kernels for {', '.join(_KERNELS)} only")
     return backends.resolve("auto", device, dtype, _OP)

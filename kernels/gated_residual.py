@@ -417,7 +417,7 @@ def gated_residual_bwd(grad: torch.Tensor, f: torch.Tensor, r: torch.Tensor, alp
     Args:
         grad: ``(N, ...)`` upstream gradient ``d``, same dtype and layout as ``f``.
         f, r, alpha, u, tau, hard, seg: as in :func:`gated_residual_fwd`.
-        deterministic: two-stage fixed-order reduction of ``dg`` instead of float32 atomics.
+        deterministic: two-stage fixed-order reduction of ``dg`` instead of float64 atomics.
 
     Returns:
         ``(df, dr, dalpha)``: ``df``, ``dr`` like ``f``; ``dalpha`` ``(S, 2)`` in ``alpha``'s dtype.

@@ -47,7 +47,9 @@ def _round(v, OUT_BF16: tl.constexpr):
     return v
 
 
-@triton.jit
+# seed and threshold are not specialised: Triton turns an int argument equal to 1 into a constexpr, on
+# which .to() fails to compile (seed = 1 is a valid seed; threshold = 1 is p ~ 2.3e-10).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _fwd_kernel(x_ptr, out_ptr, mask_ptr, numel, seed, offset, threshold, scale, BLOCK: tl.constexpr,
                 OUT_BF16: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

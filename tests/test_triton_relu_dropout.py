@@ -97,3 +97,21 @@ def test_bad_dtype_raises():
         tk.relu_dropout_fwd(torch.randn(3, dtype=torch.float64, device=DEVICE), 1, 0, 0.5)
     with pytest.raises(ValueError, match="mask must be bool"):
         tk.relu_dropout_bwd(torch.randn(3, device=DEVICE), torch.ones(3, dtype=torch.uint8, device=DEVICE), 0.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1])
+def test_seed_edge_values(seed):
+    """Compiled, Triton specialises an int argument equal to 1 unless told not to (seed = 1 failed to
+    compile); 2^31 changes the argument's type from i32 to i64."""
+    x = _special_input((9, 31), torch.float32, seed=seed % 1000).to(DEVICE)
+    out, mask = tk.relu_dropout_fwd(x, seed, 1, 0.5)
+    ref_out, ref_mask = relu_dropout_ref(x, torch.tensor(seed), 1, 0.5)
+    assert torch.equal(mask, ref_mask)
+    assert_bitwise(out, ref_out, "out")
+
+
+def test_seed_tensor_out_of_range_raises():
+    x = torch.randn(4, 4, device=DEVICE)
+    for bad in (-1, 1 << 32):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^32\)"):
+            relu_dropout(x, 0.5, seed=torch.tensor(bad), backend="triton")

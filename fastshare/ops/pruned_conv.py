@@ -173,10 +173,11 @@ def _pixel_rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
-def _empty_nhwc(like: torch.Tensor, bsz: int, channels: int, height: int, width: int, zero: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A channels_last ``(B, C, h, w)`` tensor (not a view: the ops return it) and its ``(B, h, w, C)`` view."""
-    t = torch.empty((bsz, channels, height, width), dtype=like.dtype, device=like.device,
+def _empty_nhwc(like: torch.Tensor, bsz: int, channels: int, height: int, width: int, zero: bool = False,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A channels_last ``(B, C, h, w)`` tensor (not a view: the ops return it) and its ``(B, h, w, C)`` view;
+    ``like``'s dtype unless ``dtype`` is given."""
+    t = torch.empty((bsz, channels, height, width), dtype=dtype or like.dtype, device=like.device,
                     memory_format=torch.channels_last)
     if zero:
         t.zero_()
@@ -224,7 +225,7 @@ def _pruned_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         for region in _split_regions(height, width, dilation):
             cols, w_taps = _im2col(x_rows, region), _tap_matrix(weight, region)
             res = torch.mm(cols, w_taps.t()) if bias is None else torch.addmm(bias, cols, w_taps.t())
-            out_rows[:, region.rows, region.cols, :] = res.view(bsz, *region.size, -1)
+            out_rows[:, region.rows, region.cols, :] = res.view(bsz, *region.size, weight.shape[0])
     return out
 
 
@@ -237,12 +238,16 @@ def _(x, weight, bias, dilation):
 def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
                                 input_grad: bool, weight_grad: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty ``(0,)`` tensor."""
+    """``(grad_x, grad_weight, grad_bias)``; a gradient not asked for is an empty ``(0,)`` tensor.
+
+    Each input pixel and weight tap sums contributions of several regions: float16/bfloat16 gradients are
+    summed in float32 and rounded once, as a convolution's backward does."""
     bsz, c_in, height, width = x.shape
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     grad_x, grad_x_rows = x.new_empty(0), None
     if input_grad:
-        grad_x, grad_x_rows = _empty_nhwc(x, bsz, c_in, height, width, zero=True)
-    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else (
+        grad_x, grad_x_rows = _empty_nhwc(x, bsz, c_in, height, width, zero=True, dtype=acc)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight_grad else (
         weight.new_empty(0))
     x_rows, grad_rows = _pixel_rows(x), _pixel_rows(grad)
     with _convolution_math(x.device):
@@ -256,7 +261,8 @@ def _pruned_conv3x3_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: tor
                 g_cols = torch.mm(g, _tap_matrix(weight, region)).view(bsz, *region.size, len(region.taps), c_in)
                 for i, (_, _, r, c) in enumerate(region.taps):
                     grad_x_rows[:, r, c, :] += g_cols[:, :, :, i, :]
-    return grad_x, grad_w, grad.sum(dim=(0, 2, 3))
+    # .to() keeps grad_x channels_last and returns the buffer itself when no rounding is needed.
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad.sum(dim=(0, 2, 3))
 
 
 @_pruned_conv3x3_backward_op.register_fake
@@ -437,11 +443,11 @@ def pruned_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         >>> a = pruned_conv3x3(x, conv.weight, conv.bias, 12)   # == conv(x) for Conv2d(..., 3, padding=12, dilation=12)
     """
     _check_dilation(dilation)
-    _check_inputs(x, weight, bias)
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        # Cast before the dtype checks: under autocast, F.conv2d takes a bf16 x with float32 parameters.
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias = (t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, weight, bias))
+    _check_inputs(x, weight, bias)
     if split is None:
         split = _choose_split(x, weight, bias, dilation)
     return _conv(x, weight, bias, dilation, split)

@@ -171,6 +171,7 @@ def _bwd_cpu(grad, mask, p):
 def _fwd_triton(x, seed, offset, p):
     from fastshare.kernels.relu_dropout import relu_dropout_fwd
 
+    _check_seed_value(seed)  # as the reference and the C++ kernel do (the launcher takes a Python int)
     return relu_dropout_fwd(x, int(seed), offset, p)  # seed: a CPU tensor, so no device sync
 
 
@@ -272,7 +273,8 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool = True, *, seed: torc
 
     Returns:
         ``keep ? relu(x) / (1 - p) : 0`` with ``x``'s shape and dtype, contiguous (a non-contiguous ``x`` is
-        read in row-major order). Backward: ``mask ? grad / (1 - p) : 0``, ``mask = keep & (x > 0)`` saved as
+        read in row-major order); without dropout (``training=False`` or ``p == 0``), ``torch.relu(x)`` in
+        ``x``'s layout. Backward: ``mask ? grad / (1 - p) : 0``, ``mask = keep & (x > 0)`` saved as
         one byte per element; ``x`` itself is not saved.
 
     Example:

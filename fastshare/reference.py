@@ -17,6 +17,8 @@ Conventions (shapes first):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -147,9 +149,9 @@ def gated_residual_backward_ref(grad: torch.Tensor, f: torch.Tensor, r: torch.Te
     df = g0 * m * d32
     dr = (g0 * m + g1) * d32
     n_seg = alpha.shape[0]
-    row_dims = tuple(range(1, f.ndim))  # (not reshape(N, -1): that cannot infer -1 when N = 0)
-    per_row0 = (d32 * torch.relu(s)).sum(row_dims)
-    per_row1 = (d32 * r32).sum(row_dims)
+    row_len = math.prod(f.shape[1:])  # explicit: reshape(N, -1) cannot infer -1 when N = 0
+    per_row0 = (d32 * torch.relu(s)).reshape(f.shape[0], row_len).sum(1)
+    per_row1 = (d32 * r32).reshape(f.shape[0], row_len).sum(1)
     dg = torch.zeros(n_seg, 2, dtype=dt, device=f.device)
     dg[:, 0].index_add_(0, ids, per_row0)
     dg[:, 1].index_add_(0, ids, per_row1)

@@ -68,17 +68,18 @@ def _params(trainer):
     return {k: v.clone() for k, v in trainer.net.state_dict().items()}
 
 
-@pytest.mark.parametrize("stop", [3, 7])  # 3: inside policy learning; 7: inside re-training
-def test_resume_is_bitwise_identical(tmp_path, stop):
+# 3: inside policy learning; 7: inside re-training; search_done: the checkpoint written when the search
+# ends (the one `fastshare retrain --from` suggests).
+@pytest.mark.parametrize("stop,label", [(3, "latest"), (7, "latest"), (7, "search_done")])
+def test_resume_is_bitwise_identical(tmp_path, stop, label):
     torch.set_num_threads(1)
     ref = Trainer(tiny_config(tmp_path / "ref"), RunOptions(**OPTS))
     ref.run()
     cfg = tiny_config(tmp_path / "int")
     first = Trainer(cfg, RunOptions(**OPTS))
     assert first.run(stop_after=stop) == {"interrupted": True}
-    latest = tmp_path / "int" / "ck" / "t" / "latest.pth"
     second = Trainer(cfg, RunOptions(**OPTS))
-    second.load(latest)
+    second.load(tmp_path / "int" / "ck" / "t" / f"{label}.pth")
     second.run()
     a, b = _params(ref), _params(second)
     assert a.keys() == b.keys()

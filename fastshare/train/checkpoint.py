@@ -120,7 +120,7 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "c
     path = Path(path)
     ckpt = _torch_load(path, map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        hint = " (an AdaShare checkpoint? use `fastshare ... --init-from-adashare` / import_adashare)" \
+        hint = " (an AdaShare checkpoint? load it with fastshare.train.load_adashare_checkpoint)" \
             if isinstance(ckpt, dict) and "mtl-net" in ckpt else ""
         raise CheckpointError(path, f"not a fastshare checkpoint{hint}")
     if ckpt.get("version") != VERSION:

@@ -597,8 +597,10 @@ class Trainer:
             st.policies, st.best_logits, st.best_iter, st.best_score, st.reference = shared
         st.phase, st.arch, st.retrain_iter, st.retrain_best = "retrain", 0, 0, -math.inf
         self.log.write({"phase": "sample", "policies": st.policies, "best_iter": st.best_iter})
-        self.save("search_done")
+        # The re-training model first: search_done.pth is then a re-training checkpoint (initial weights,
+        # Adam), which `fastshare retrain --from` and load() expect of the phase it records.
         self._new_retrain_model(0)
+        self.save("search_done")
 
     def retrain_all(self, budget: list[float] | None = None) -> bool:
         """Re-train every sampled architecture from scratch; False if stopped by ``budget``."""

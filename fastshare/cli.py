@@ -165,24 +165,31 @@ def _load_cfg(path: str):
     return load_config(path)
 
 
-def _run_options(args: argparse.Namespace):
+def _run_options(args: argparse.Namespace, checkpoint: dict[str, Any] | None = None):
+    """The run's options from the flags; with a checkpoint, the options that shape the model (head width,
+    dropout) are the checkpoint's unless a flag names them."""
     from fastshare.train import RunOptions
 
-    return RunOptions(head_width=args.head_width, num_samples=args.num_samples, val_fraction=args.val_fraction,
+    saved = (checkpoint or {}).get("options", {})
+    default = RunOptions()
+    head_width = args.head_width if args.head_width is not None else saved.get("head_width", default.head_width)
+    return RunOptions(head_width=head_width, dropout=saved.get("dropout", default.dropout),
+                      num_samples=args.num_samples, val_fraction=args.val_fraction,
                       eval_batches=args.eval_batches, tensorboard=args.tensorboard,
                       progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
 
 
-def _run_trainer(args: argparse.Namespace, prepare: Callable[[Any], None]) -> int:
-    """Build a :class:`~fastshare.train.Trainer` (DDP under torchrun), ``prepare`` it, run it, print the
-    result on the main rank."""
-    from fastshare.train import Trainer
+def _run_trainer(args: argparse.Namespace, prepare: Callable[[Any], None], checkpoint: str | None = None) -> int:
+    """Build a :class:`~fastshare.train.Trainer` (DDP under torchrun; model options from ``checkpoint``
+    when given), ``prepare`` it, run it, print the result on the main rank."""
+    from fastshare.train import Trainer, load_checkpoint
     from fastshare.train.distributed import cleanup, init_distributed
 
     cfg = _load_cfg(args.config)
+    ck = load_checkpoint(checkpoint) if checkpoint else None
     ctx = init_distributed(cfg.device)
     try:
-        trainer = Trainer(cfg, _run_options(args), ctx)
+        trainer = Trainer(cfg, _run_options(args, ck), ctx)
         prepare(trainer)
         result = trainer.run()
         if ctx.is_main:
@@ -197,7 +204,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
             trainer.load(args.resume)
 
-    return _run_trainer(args, prepare)
+    return _run_trainer(args, prepare, args.resume)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -215,18 +222,18 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
             trainer.state.results = []
             trainer._new_retrain_model(0)
 
-    return _run_trainer(args, prepare)
+    return _run_trainer(args, prepare, args.source)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fastshare.train import Trainer, evaluate, load_checkpoint
 
     cfg = _load_cfg(args.config)
-    opts = _run_options(args)
+    ck = load_checkpoint(args.checkpoint)
+    opts = _run_options(args, ck)
     trainer = Trainer(cfg, opts)
-    ck = load_checkpoint(args.checkpoint, trainer.device)
+    trainer.load(args.checkpoint)  # checks that the checkpoint is of this model, restores its state
     state = ck["trainer"]
-    trainer.net.load_state_dict(ck["model"])
     if state["phase"] in ("retrain", "done") and state.get("policies"):
         arch = min(state["arch"], len(state["policies"]) - 1)
         policy = torch.tensor(state["policies"][arch], dtype=torch.float32)
@@ -295,7 +302,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML configuration (AdaShare's keys + fastshare's)")
-    p.add_argument("--head-width", type=int, default=1024, help="ASPP branch width (default 1024, the paper's)")
+    p.add_argument("--head-width", type=int, default=None,
+                   help="ASPP branch width (default: the checkpoint's when one is given, else 1024, the paper's)")
     p.add_argument("--num-samples", type=int, default=1, help="architectures sampled besides the argmax one")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train held out for selection")
     p.add_argument("--eval-batches", type=int, default=None, help="cap on evaluation batches")

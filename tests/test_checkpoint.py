@@ -127,3 +127,14 @@ def test_adashare_import(tmp_path):
         load_adashare_checkpoint(path, wrong)
     with pytest.raises(ValueError, match=r"tasks \[1, 2, 3\]; expected task1..task2"):
         import_adashare({**ada, "task3_logits": torch.zeros(8, 2)}, src.tasks)
+
+
+def test_load_names_missing_entries(tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    trainer = Trainer(cfg, RunOptions(**OPTS))
+    full = trainer.state_dict()
+    partial = tmp_path / "partial.pth"
+    atomic_save({k: v for k, v in full.items() if k not in ("init_model", "streams")}, partial)
+    with pytest.raises(CheckpointError, match="partial.pth: not a training checkpoint: no 'init_model', 'streams'"):
+        trainer.load(partial)

@@ -66,3 +66,32 @@ def test_demo_quick_then_policy_show(tmp_path):
     else:
         assert r.returncode == 0, r.stderr
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_commands_take_the_model_options_from_the_checkpoint(tmp_path, capsys):
+    """eval / retrain / train --resume build the checkpoint's model (head width) without repeating the
+    flag, and name the difference when the flags or the YAML describe another model."""
+    import torch
+
+    from fastshare.cli import main
+    from fastshare.config import load_config
+    from fastshare.train import RunOptions, Trainer
+    from test_checkpoint import OPTS, tiny_config
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    Trainer(cfg, RunOptions(**OPTS)).run(stop_after=3)
+    ckpt = str(tmp_path / "ck" / "t" / "latest.pth")
+    yml = tmp_path / "run.yml"
+    yml.write_text(cfg.to_yaml())
+    assert main(["eval", "--config", str(yml), "--checkpoint", ckpt, "--eval-batches", "1", "--no-progress"]) == 0
+    assert '"seg"' in capsys.readouterr().out
+
+    assert main(["eval", "--config", str(yml), "--checkpoint", ckpt, "--head-width", "16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "latest.pth: written for another model: head_width 8 (this run: 16)" in err
+
+    other = load_config({**cfg.to_dict(), "tasks_num_class": [5, 1]})
+    yml.write_text(other.to_yaml())
+    assert main(["train", "--config", str(yml), "--resume", ckpt, "--no-progress"]) == 2
+    assert "tasks_num_class [4, 1] (this run: [5, 1])" in capsys.readouterr().err

@@ -718,8 +718,15 @@ class Trainer:
         return path
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Continue from a checkpoint written by :meth:`save` (``--resume``)."""
+        """Continue from a checkpoint written by :meth:`save` (``--resume``); raises
+        :class:`~fastshare.train.CheckpointError` when it lacks an entry a run needs or was written for
+        another model (tasks, backbone, head width, ...)."""
         ck = ckpt_io.load_checkpoint(path, self.device)
+        missing = [k for k in _RUN_ENTRIES if k not in ck]
+        if missing:
+            raise ckpt_io.CheckpointError(path, f"not a training checkpoint: no {', '.join(map(repr, missing))} "
+                                                f"entr{'y' if len(missing) == 1 else 'ies'}")
+        self._check_same_model(path, ck)
         st = _State(**{k: v for k, v in ck["trainer"].items() if k != "temperature"})
         self._init_model_state = ck["init_model"]
         self.state = st
@@ -740,6 +747,30 @@ class Trainer:
         for k, s in self.streams.items():
             s.load_state_dict(ck["streams"][k])
         ckpt_io.restore_rng(ck["rng"], {"gumbel": self.gumbel})
+
+    def _check_same_model(self, path: str | os.PathLike[str], ck: Mapping[str, Any]) -> None:
+        """The checkpoint's model-shaping configuration and options equal this run's."""
+        mine = {**{k: getattr(self.cfg, k) for k in _MODEL_CONFIG_KEYS},
+                **{k: getattr(self.opts, k) for k in _MODEL_OPTION_KEYS}}
+        theirs = {**{k: ck["config"].get(k) for k in _MODEL_CONFIG_KEYS},
+                  **{k: ck["options"].get(k) for k in _MODEL_OPTION_KEYS}}
+        diff = [f"{k} {_plain(theirs[k])!r} (this run: {_plain(mine[k])!r})" for k in mine
+                if _plain(theirs[k]) != _plain(mine[k])]
+        if diff:
+            raise ckpt_io.CheckpointError(path, "written for another model: " + "; ".join(diff))
+
+
+#: The entries :meth:`Trainer.load` reads besides ``model`` and ``trainer``.
+_RUN_ENTRIES = ("init_model", "optimizers", "schedulers", "streams", "rng", "config", "options")
+
+#: Configuration keys and run options that shape the model: a checkpoint must agree on them.
+_MODEL_CONFIG_KEYS = ("backbone", "tasks", "tasks_num_class", "skip_layer")
+_MODEL_OPTION_KEYS = ("head_width",)
+
+
+def _plain(v: Any) -> Any:
+    """Lists for tuples (a configuration read back from a checkpoint holds lists)."""
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _resolve_device(name: str) -> torch.device:

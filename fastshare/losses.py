@@ -15,6 +15,8 @@ __all__ = [
     "seg_loss",
     "sn_loss",
     "depth_loss",
+    "keypoint_loss",
+    "edge_loss",
     "task_loss",
     "sparsity_loss",
     "sharing_loss",
@@ -32,20 +34,28 @@ def _resize_nearest(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(t, size=size, mode="nearest")
 
 
-def seg_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over pixels, ignoring label 255.
+def seg_loss(pred: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over pixels, ignoring label 255; 0 (with a gradient path) when every pixel is ignored.
 
     Args:
         pred: ``(B, C, h, w)`` logits.
         target: ``(B, H, W)`` or ``(B, 1, H, W)`` integer labels (255 = ignore), resized to ``(h, w)``.
+        class_weights: optional ``(C,)`` weights (AdaShare weights Taskonomy's classes by
+            ``semseg_prior_factor.npy``): ``sum_i w_(y_i) CE_i / sum_i w_(y_i)``.
     """
     if target.ndim == 3:
         target = target.unsqueeze(1)
     if pred.ndim != 4 or target.shape[0] != pred.shape[0]:
         raise ValueError(f"seg_loss: pred (B, C, h, w) and target (B, H, W) disagree: "
                          f"{tuple(pred.shape)} vs {tuple(target.shape)}")
+    if class_weights is not None and tuple(class_weights.shape) != (pred.shape[1],):
+        raise ValueError(f"seg_loss: class_weights must have shape ({pred.shape[1]},), got "
+                         f"{tuple(class_weights.shape)}")
     labels = _resize_nearest(target.float(), pred.shape[-2:]).squeeze(1).long()
-    return F.cross_entropy(pred.float(), labels, ignore_index=IGNORE_INDEX)
+    if not bool((labels != IGNORE_INDEX).any()):
+        return pred.sum() * 0.0  # cross_entropy's mean over no pixel is 0 / 0
+    weight = None if class_weights is None else class_weights.to(device=pred.device, dtype=torch.float32)
+    return F.cross_entropy(pred.float(), labels, weight=weight, ignore_index=IGNORE_INDEX)
 
 
 def normal_valid_mask(target: torch.Tensor) -> torch.Tensor:
@@ -87,15 +97,50 @@ def depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred.float().masked_select(valid), gt.masked_select(valid))
 
 
-_TASK_LOSSES = {"seg": seg_loss, "sn": sn_loss, "depth": depth_loss}
+def _l1_not_ignored(name: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if target.ndim == 3:
+        target = target.unsqueeze(1)
+    if pred.shape[:2] != target.shape[:2]:
+        raise ValueError(f"{name}: pred (B, C, h, w) and target (B, C, H, W) disagree: "
+                         f"{tuple(pred.shape)} vs {tuple(target.shape)}")
+    gt = _resize_nearest(target.float(), pred.shape[-2:])
+    valid = gt != IGNORE_INDEX
+    if not bool(valid.any()):
+        return pred.sum() * 0.0
+    return F.l1_loss(pred.float().masked_select(valid), gt.masked_select(valid))
 
 
-def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Loss of an AdaShare task by name: ``seg``, ``sn`` or ``depth``."""
+def keypoint_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 over pixels whose target is not 255 (AdaShare's Taskonomy keypoint loss).
+
+    Args:
+        pred: ``(B, 1, h, w)``; target: ``(B, 1, H, W)`` or ``(B, H, W)``, resized to ``(h, w)``.
+    """
+    return _l1_not_ignored("keypoint_loss", pred, target)
+
+
+def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 over pixels whose target is not 255 (AdaShare's Taskonomy edge loss).
+
+    Args:
+        pred: ``(B, 1, h, w)``; target: ``(B, 1, H, W)`` or ``(B, H, W)``, resized to ``(h, w)``.
+    """
+    return _l1_not_ignored("edge_loss", pred, target)
+
+
+_TASK_LOSSES = {"seg": seg_loss, "sn": sn_loss, "depth": depth_loss, "keypoint": keypoint_loss, "edge": edge_loss}
+
+
+def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor,
+              seg_class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss of an AdaShare task by name: ``seg``, ``sn``, ``depth``, ``keypoint`` or ``edge``
+    (``seg_class_weights``: see :func:`seg_loss`)."""
     try:
         fn = _TASK_LOSSES[task]
     except KeyError:
         raise ValueError(f"no loss for task {task!r}; known tasks: {', '.join(_TASK_LOSSES)}") from None
+    if task == "seg":
+        return seg_loss(pred, target, seg_class_weights)
     return fn(pred, target)
 
 

@@ -75,6 +75,35 @@ def test_depth_loss_hand_computed():
     assert math.isclose(losses.depth_loss(pred, gt).item(), (0.5 + 1.0 + 0.0) / 3, rel_tol=1e-6)
 
 
+def test_seg_loss_class_weights_and_all_ignored():
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.randn(2, 4, 3, 5, generator=gen, requires_grad=True)
+    target = torch.randint(0, 4, (2, 3, 5), generator=gen)
+    target[0, 0, :2] = 255
+    weights = torch.rand(4, generator=gen) + 0.2
+    want = torch.nn.CrossEntropyLoss(weight=weights, ignore_index=255)(pred, target)  # AdaShare's Taskonomy loss
+    assert torch.allclose(losses.seg_loss(pred, target, weights), want)
+    assert torch.allclose(losses.task_loss("seg", pred, target, weights), want)
+    with pytest.raises(ValueError, match=r"class_weights must have shape \(4,\)"):
+        losses.seg_loss(pred, target, weights[:3])
+    nothing = losses.seg_loss(pred, torch.full_like(target, 255))  # not cross_entropy's 0 / 0 = NaN
+    assert nothing.item() == 0.0
+    nothing.backward()
+    assert torch.equal(pred.grad, torch.zeros_like(pred))
+
+
+@pytest.mark.parametrize("task", ["keypoint", "edge"])
+def test_keypoint_and_edge_losses_are_l1_over_labelled_pixels(task):
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)
+    gt = torch.tensor([[[[1.5, 255.0], [2.0, 0.0]]]])  # 255: unlabelled (Taskonomy)
+    got = losses.task_loss(task, pred, gt)
+    assert math.isclose(got.item(), (0.5 + 1.0 + 4.0) / 3, rel_tol=1e-6)
+    assert math.isclose(losses.task_loss(task, pred, gt[:, 0]).item(), got.item(), rel_tol=1e-6)  # (B, H, W)
+    assert losses.task_loss(task, pred, torch.full_like(gt, 255.0)).item() == 0.0
+    with pytest.raises(ValueError, match="disagree"):
+        losses.task_loss(task, pred, torch.zeros(2, 1, 2, 2))
+
+
 def test_sparsity_loss_hand_computed():
     alpha = torch.tensor([[[0.0, 0.0], [1.0, 0.0]], [[0.0, 2.0], [0.0, 0.0]]])
     ce = lambda a0, a1: -math.log(math.exp(a1) / (math.exp(a0) + math.exp(a1)))  # noqa: E731

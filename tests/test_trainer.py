@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+import pytest
 import torch
 
 import fastshare.train.trainer as trainer_mod
+from fastshare.config import load_config
 from fastshare.losses import sharing_loss, sparsity_loss
 from fastshare.policy import curriculum_stage, temperature
 from fastshare.train import PolicyRegularisation, RunOptions, Trainer, policy_objective
@@ -119,3 +124,39 @@ def test_seeds_reproducible(tmp_path):
         tr.search()
         runs.append((tr.state.policies, tr.state.best_logits))
     assert runs[0] == runs[1]
+
+
+def test_taskonomy_five_tasks_train_with_class_weights(tmp_path, monkeypatch):
+    """AdaShare's Taskonomy set-up: keypoint and edge L1 losses, segmentation weighted by
+    semseg_prior_factor.npy (in the loss and the segmentation error)."""
+    import json
+
+    from test_data import _write_taskonomy
+
+    torch.set_num_threads(1)
+    root = tmp_path / "taskonomy"
+    groups = []
+    for i in range(6):  # six distinct samples (the validation hold-out goes by sample)
+        (root / str(i)).mkdir(parents=True)
+        _write_taskonomy(root / str(i))
+        groups += [[f"{i}/{name}" for name in group]
+                   for group in json.loads((root / str(i) / "taskonomy.json").read_text())["train"]]
+    (root / "semseg_prior_factor.npy").write_bytes((root / "0" / "semseg_prior_factor.npy").read_bytes())
+    (root / "taskonomy.json").write_text(json.dumps({s: groups for s in ("train", "train1", "train2", "test_small")}))
+    cfg = load_config({"exp_name": "tk", "tasks": ["seg", "sn", "depth", "keypoint", "edge"],
+                       "tasks_num_class": [17, 3, 1, 1, 1], "lambdas": [1, 3, 2, 7, 7],
+                       "paths": {"log_dir": str(tmp_path / "logs"), "checkpoint_dir": str(tmp_path / "ck")},
+                       "dataload": {"dataset": "Taskonomy", "dataroot": str(root), "crop_h": 33, "crop_w": 33},
+                       "train": {"batch_size": 2, "total_iters": 3, "warm_up_iters": 1, "retrain_total_iters": 1,
+                                 "weight_iter_alternate": 1, "alpha_iter_alternate": 1, "val_freq": 2}})
+    seen = []
+    real = trainer_mod.weight_step
+    monkeypatch.setattr(trainer_mod, "weight_step",
+                        lambda *a, **k: (seen.append(k["seg_class_weights"]), real(*a, **k))[1])
+    tr = Trainer(cfg, RunOptions(head_width=8, num_samples=0, eval_batches=1, progress=False, val_fraction=0.2))
+    result = tr.run()
+    weights = torch.from_numpy(np.linspace(0.5, 2.0, 17).astype(np.float32))
+    assert seen and all(torch.equal(w, weights) for w in seen)
+    test = result["architectures"][0]["test"]
+    assert set(test) == {"seg", "sn", "depth", "keypoint", "edge"}
+    assert all(math.isfinite(v) for task in test.values() for v in task.values())

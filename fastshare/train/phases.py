@@ -27,10 +27,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from fastshare.data import TASK_TARGET_KEY
 from fastshare.losses import sharing_loss, sparsity_loss, task_loss, total_task_loss
 
 __all__ = [
-    "TARGET_KEYS",
     "BatchStream",
     "PolicyRegularisation",
     "target_of",
@@ -43,21 +43,21 @@ __all__ = [
 ]
 
 #: Batch key holding each task's target, where it differs from the task name.
-TARGET_KEYS = {"sn": "normal"}
 
 
 def target_of(task: str, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The target of ``task`` in a data-set sample/batch (``sn`` is stored under ``normal``)."""
-    key = TARGET_KEYS.get(task, task)
+    key = TASK_TARGET_KEY.get(task, task)
     if key not in batch:
         raise KeyError(f"the batch has no target {key!r} for task {task!r} (keys: {', '.join(sorted(batch))})")
     return batch[key]
 
 
 def task_losses(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
-                tasks: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{task: loss}`` (:func:`fastshare.losses.task_loss`) of each task's prediction against its target."""
-    return {t: task_loss(t, outputs[t], target_of(t, batch)) for t in tasks}
+                tasks: Sequence[str], seg_class_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``{task: loss}`` (:func:`fastshare.losses.task_loss`) of each task's prediction against its target
+    (``seg_class_weights``: the data set's segmentation class weights, Taskonomy's, or None)."""
+    return {t: task_loss(t, outputs[t], target_of(t, batch), seg_class_weights) for t in tasks}
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ def _loss_log(losses: Mapping[str, torch.Tensor], total: torch.Tensor) -> dict[s
 def weight_step(forward: Callable[..., dict[str, torch.Tensor]], batch: Mapping[str, torch.Tensor], gates: Any,
                 tasks: Sequence[str], lambdas: Mapping[str, float], optimizer: torch.optim.Optimizer,
                 scheduler: Any | None = None, autocast: contextlib.AbstractContextManager | None = None,
-                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                scaler: torch.amp.GradScaler | None = None, seg_class_weights: torch.Tensor | None = None
+                ) -> dict[str, float]:
     """One update of the network weights (warm-up, weight epochs, re-training): task losses only.
 
     Args:
@@ -116,11 +117,12 @@ def weight_step(forward: Callable[..., dict[str, torch.Tensor]], batch: Mapping[
         gates: the gates of this step (their logits, if any, detached: the policy is not updated here).
         scheduler: stepped after the update (AdaShare steps its StepLR per iteration).
         autocast, scaler: mixed precision (GradScaler for float16).
+        seg_class_weights: see :func:`task_losses`.
     """
     optimizer.zero_grad(set_to_none=True)
     with autocast or contextlib.nullcontext():
         outputs = forward(batch["img"], gates)
-    losses = task_losses(outputs, batch, tasks)
+    losses = task_losses(outputs, batch, tasks, seg_class_weights)
     loss = total_task_loss(losses, lambdas)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -137,7 +139,7 @@ def weight_step(forward: Callable[..., dict[str, torch.Tensor]], batch: Mapping[
 def policy_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], gates: Any, tasks: Sequence[str],
                 lambdas: Mapping[str, float], optimizer: torch.optim.Optimizer, num_train_layers: int | None,
                 reg: PolicyRegularisation, autocast: contextlib.AbstractContextManager | None = None,
-                world_size: int = 1) -> dict[str, float]:
+                world_size: int = 1, seg_class_weights: torch.Tensor | None = None) -> dict[str, float]:
     """One update of the policy logits (a policy epoch's iteration).
 
     The gradient is taken with respect to ``model.logits`` only (``backward(inputs=...)``): the weights
@@ -150,7 +152,7 @@ def policy_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], gates
     optimizer.zero_grad(set_to_none=True)
     with autocast or contextlib.nullcontext():
         outputs = model(batch["img"], gates)
-    losses = task_losses(outputs, batch, tasks)
+    losses = task_losses(outputs, batch, tasks, seg_class_weights)
     loss, parts = policy_objective(losses, lambdas, logits, num_train_layers, reg)
     loss.backward(inputs=[logits])
     if world_size > 1:

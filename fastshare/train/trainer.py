@@ -144,6 +144,13 @@ def build_model(cfg: Config, opts: RunOptions) -> AdaShareNet:
                        executor=cfg.executor)
 
 
+def _seg_class_weights(ds: torch.utils.data.Dataset) -> torch.Tensor | None:
+    """The data set's segmentation class weights (Taskonomy's ``semseg_prior_factor.npy``), or None."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    return getattr(ds, "class_weights", None)
+
+
 def _sample_keys(ds: torch.utils.data.Dataset) -> list[Any]:
     """An identity per sample shared by the splits of one data set (to hold validation samples out)."""
     if hasattr(ds, "groups"):
@@ -208,15 +215,17 @@ def build_splits(cfg: Config, opts: RunOptions, seed: int) -> dict[str, torch.ut
 @torch.no_grad()
 def evaluate(model: AdaShareNet, dataset: torch.utils.data.Dataset, gates: Gates, tasks_num_class: Mapping[str, int],
              batch_size: int, device: torch.device, max_batches: int | None = None,
-             autocast: contextlib.AbstractContextManager | None = None) -> dict[str, dict[str, float]]:
+             autocast: contextlib.AbstractContextManager | None = None,
+             seg_class_weights: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` of ``model`` with ``gates`` over ``dataset`` (eval mode).
 
     Predictions are upsampled to the target size bilinearly (``align_corners=True``, as AdaShare's
-    ``resize_results``) before :class:`fastshare.metrics.MultiTaskMetrics`.
+    ``resize_results``) before :class:`fastshare.metrics.MultiTaskMetrics` (``seg_class_weights`` weight
+    the segmentation error, as Taskonomy's loss).
     """
     was_training = model.training
     model.eval()
-    metrics = MultiTaskMetrics(list(tasks_num_class), list(tasks_num_class.values()))
+    metrics = MultiTaskMetrics(list(tasks_num_class), list(tasks_num_class.values()), seg_class_weights)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     try:
         for i, batch in enumerate(loader):
@@ -341,6 +350,7 @@ class Trainer:
                            self.opts.tensorboard)
         seed_everything(self.seed)
         self.data = dict(datasets) if datasets is not None else build_splits(cfg, self.opts, self.seed)
+        self.seg_class_weights = _seg_class_weights(self.data["train"])
         b = cfg.train.batch_size
         mk = dict(workers=cfg.workers, rank=self.ctx.rank, world_size=self.ctx.world_size,
                   pin_memory=self.device.type == "cuda")
@@ -470,7 +480,7 @@ class Trainer:
 
     def _validate(self, gates: Gates, split: str = "val") -> dict[str, dict[str, float]]:
         return evaluate(self.net, self.data[split], gates, self.num_class, self.cfg.train.batch_size, self.device,
-                        self.opts.eval_batches, self._autocast())
+                        self.opts.eval_batches, self._autocast(), self.seg_class_weights)
 
     # ------------------------------------------------------------------------------------------- run
 
@@ -508,16 +518,19 @@ class Trainer:
                 if st.phase == "warmup":
                     log = weight_step(self.forward, self._batch("train"), self.net.gates("full"), self.tasks,
                                       self.lambdas, self.optimizers["weights"], self.schedulers.get("weights"),
-                                      self._autocast(), self.scaler)
+                                      self._autocast(), self.scaler,
+                                      seg_class_weights=self.seg_class_weights)
                 elif st.flag == "update_w":
                     log = weight_step(self.forward, self._batch("train1"), self.sample_gates(False), self.tasks,
                                       self.lambdas, self.optimizers["weights"], self.schedulers.get("weights"),
-                                      self._autocast(), self.scaler)
+                                      self._autocast(), self.scaler,
+                                      seg_class_weights=self.seg_class_weights)
                     st.iter_w += 1
                 else:
                     log = policy_step(self.net, self._batch("train2"), self.sample_gates(True), self.tasks,
                                       self.lambdas, self.optimizers["alphas"], self.num_train_layers, self.reg,
-                                      self._autocast(), self.ctx.world_size)
+                                      self._autocast(), self.ctx.world_size,
+                                      seg_class_weights=self.seg_class_weights)
                     st.iter_a += 1
                 st.iteration += 1
                 budget[0] -= 1
@@ -622,7 +635,8 @@ class Trainer:
                         return False
                     log = weight_step(self.forward, self._batch("train"), gates, self.tasks, self.lambdas,
                                       self.optimizers["weights"], self.schedulers.get("weights"),
-                                      self._autocast(), self.scaler)
+                                      self._autocast(), self.scaler,
+                                      seg_class_weights=self.seg_class_weights)
                     st.retrain_iter += 1
                     budget[0] -= 1
                     bar.update(1)

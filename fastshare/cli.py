@@ -173,10 +173,15 @@ def _run_options(args: argparse.Namespace, checkpoint: dict[str, Any] | None = N
     saved = (checkpoint or {}).get("options", {})
     default = RunOptions()
     head_width = args.head_width if args.head_width is not None else saved.get("head_width", default.head_width)
-    return RunOptions(head_width=head_width, dropout=saved.get("dropout", default.dropout),
-                      num_samples=args.num_samples, val_fraction=args.val_fraction,
-                      eval_batches=args.eval_batches, tensorboard=args.tensorboard,
-                      progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+    from fastshare.config import ConfigError
+
+    try:
+        return RunOptions(head_width=head_width, dropout=saved.get("dropout", default.dropout),
+                          num_samples=args.num_samples, val_fraction=args.val_fraction,
+                          eval_batches=args.eval_batches, tensorboard=args.tensorboard,
+                          progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+    except ValueError as exc:  # a flag out of range: one line, as configuration errors
+        raise ConfigError(f"command-line flags: {exc}") from exc
 
 
 def _run_trainer(args: argparse.Namespace, prepare: Callable[[Any], None], checkpoint: str | None = None) -> int:
@@ -200,11 +205,16 @@ def _run_trainer(args: argparse.Namespace, prepare: Callable[[Any], None], check
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    def prepare(trainer: Any) -> None:
-        if args.resume:
-            trainer.load(args.resume)
+    from fastshare.train.trainer import config_resume_path
 
-    return _run_trainer(args, prepare, args.resume)
+    # --resume wins; else AdaShare's `train.resume: true` continues from `train.which_iter`'s checkpoint.
+    resume = args.resume or config_resume_path(_load_cfg(args.config))
+
+    def prepare(trainer: Any) -> None:
+        if resume:
+            trainer.load(resume)
+
+    return _run_trainer(args, prepare, resume)
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:

@@ -42,10 +42,13 @@ import yaml
 from fastshare.ops.backends import BACKENDS
 
 TASKS: tuple[str, ...] = ("seg", "sn", "depth", "keypoint", "edge")
+BACKBONES: tuple[str, ...] = ("ResNet18", "ResNet34", "ResNet101")
+#: Output channels of the regression tasks (``tasks_num_class`` must say so); ``seg`` has one per class.
+_OUTPUT_CHANNELS: dict[str, int] = {"sn": 3, "depth": 1, "keypoint": 1, "edge": 1}
 DATASETS: tuple[str, ...] = ("Synthetic", "NYU_v2", "CityScapes", "Taskonomy")
 EXECUTORS: tuple[str, ...] = ("auto", "sequential", "batched", "tree")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-POLICY_MODELS: tuple[str, ...] = ("task-specific", "instance-specific")
+POLICY_MODELS: tuple[str, ...] = ("task-specific",)
 INIT_METHODS: tuple[str, ...] = ("equal", "random", "all_chosen")
 
 
@@ -162,6 +165,7 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "backbone": BACKBONES,
     "dataload.dataset": DATASETS,
     "executor": EXECUTORS,
     "backend": BACKENDS,
@@ -169,7 +173,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "policy_model": POLICY_MODELS,
     "train.init_method": INIT_METHODS,
 }
-_NON_NEGATIVE = {"skip_layer", "workers", "train.warm_up_iters", "train.total_iters"}
+_NON_NEGATIVE = {"skip_layer", "workers", "train.warm_up_iters", "train.total_iters", "train.reg_w",
+                 "train.reg_w_hamming"}
 _POSITIVE = {
     "curriculum_speed",
     "dataload.crop_h",
@@ -181,8 +186,26 @@ _POSITIVE = {
     "train.decay_lr_freq",
     "train.decay_temp_freq",
     "train.init_temp",
+    "train.lr",
+    "train.backbone_lr",
+    "train.policy_lr",
     "train.weight_iter_alternate",
     "train.alpha_iter_alternate",
+}
+
+
+#: Keys in (0, 1]: multiplicative decays.
+_UNIT_INTERVAL = {"train.decay_temp", "train.decay_lr_rate"}
+
+#: AdaShare switches fastshare accepts (its YAML files load unchanged) only at the value that selects
+#: what fastshare does; another value would be silently ignored, so it is an error that says what to do.
+_FIXED_SWITCHES: dict[str, tuple[Any, str]] = {
+    "train.retrain_resume": (False, "re-train from a finished search with `fastshare retrain --from "
+                                    "<checkpoint_dir>/<exp_name>/search_done.pth`"),
+    "retrain_from_pl": (False, "fastshare re-trains every architecture from the run's initial weights, as "
+                               "AdaShare's default does"),
+    "policy": (True, "fastshare always learns the select-or-skip policy (policy: false is AdaShare's plain "
+                     "multi-task baseline)"),
 }
 
 
@@ -286,6 +309,12 @@ def _check_values(cfg: Config) -> None:
         v = flat[key]
         if v is not None and (v < 0 or (key in _POSITIVE and v == 0)):
             raise ConfigError(f"{key}: must be {'> 0' if key in _POSITIVE else '>= 0'}, got {v}")
+    for key in _UNIT_INTERVAL:
+        if not 0 < flat[key] <= 1:
+            raise ConfigError(f"{key}: must be in (0, 1], got {flat[key]}")
+    for key, (value, how) in _FIXED_SWITCHES.items():
+        if flat[key] != value:
+            raise ConfigError(f"{key}: {flat[key]!r} is not supported (only {value!r}); {how}")
     if not cfg.seed:
         raise ConfigError("seed: give at least one seed")
     if not cfg.tasks:
@@ -302,6 +331,12 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key}: needs one entry per task ({len(cfg.tasks)}), got {getattr(cfg, key)}")
     if any(n <= 0 for n in cfg.tasks_num_class):
         raise ConfigError(f"tasks_num_class: every entry must be > 0, got {cfg.tasks_num_class}")
+    for task, n in zip(cfg.tasks, cfg.tasks_num_class):
+        if task != "seg" and n != _OUTPUT_CHANNELS[task]:
+            raise ConfigError(f"tasks_num_class: task {task!r} predicts {_OUTPUT_CHANNELS[task]} channel(s), "
+                              f"got {n}")
+    if any(w < 0 for w in cfg.lambdas):
+        raise ConfigError(f"lambdas: every task weight must be >= 0, got {cfg.lambdas}")
     if cfg.dataload.dataset != "Synthetic" and not cfg.dataload.dataroot:
         raise ConfigError(f"dataload.dataroot: required for dataset {cfg.dataload.dataset!r}")
     if (cfg.dataload.crop_h is None) != (cfg.dataload.crop_w is None):

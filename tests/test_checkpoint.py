@@ -138,3 +138,53 @@ def test_load_names_missing_entries(tmp_path):
     atomic_save({k: v for k, v in full.items() if k not in ("init_model", "streams")}, partial)
     with pytest.raises(CheckpointError, match="partial.pth: not a training checkpoint: no 'init_model', 'streams'"):
         trainer.load(partial)
+
+
+def test_config_resume_continues_from_which_iter(tmp_path, monkeypatch):
+    """AdaShare's `train.resume: true` (its Taskonomy YAML sets it) continues from
+    <checkpoint_dir>/<exp_name>/<train.which_iter>.pth; a missing file says how to start afresh."""
+    from fastshare.cli import main
+    from fastshare.config import ConfigError
+    from fastshare.train.trainer import config_resume_path
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, resume=True, which_iter="warmup")
+    with pytest.raises(CheckpointError, match=r"warmup.pth: no such file .*set train.resume: false"):
+        config_resume_path(cfg)
+    assert config_resume_path(tiny_config(tmp_path)) is None
+    with pytest.raises(ConfigError, match="train.which_iter: 400 names an iteration"):
+        config_resume_path(tiny_config(tmp_path, resume=True, which_iter=400))
+    Trainer(tiny_config(tmp_path), RunOptions(**OPTS)).run(stop_after=3)  # writes warmup.pth
+    warmup = tmp_path / "ck" / "t" / "warmup.pth"
+    assert config_resume_path(cfg) == warmup
+
+    loaded = []
+    monkeypatch.setattr(Trainer, "load", lambda self, path: loaded.append(path))
+    monkeypatch.setattr(Trainer, "run", lambda self: {"stopped": "here"})
+    yml = tmp_path / "resume.yml"
+    yml.write_text(cfg.to_yaml())
+    assert main(["train", "--config", str(yml), "--head-width", "8", "--no-progress"]) == 0
+    assert loaded == [warmup]
+
+
+def test_run_options_out_of_range_are_errors():
+    for name, value in (("val_fraction", 0.0), ("val_fraction", 1.0), ("eval_batches", 0), ("num_samples", -1),
+                        ("head_width", 0), ("dropout", 1.0), ("checkpoint_every", 0)):
+        with pytest.raises(ValueError, match=f"RunOptions.{name} must be"):
+            RunOptions(**{name: value})
+
+
+def test_log_reopens_after_run_and_zero_retrain_iterations_use_final_weights(tmp_path):
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny_config(tmp_path, total_iters=3, retrain_total_iters=None), RunOptions(**OPTS))
+    log = tmp_path / "logs" / "t" / "log.jsonl"
+    assert trainer.run(stop_after=2) == {"interrupted": True}
+    lines = len(log.read_text().splitlines())
+    trainer.run(stop_after=1)  # the same trainer goes on after run() returned (and closed its log)
+    assert len(log.read_text().splitlines()) > lines
+
+    zero = Trainer(tiny_config(tmp_path / "zero", total_iters=0, warm_up_iters=0, retrain_total_iters=None),
+                   RunOptions(**OPTS))
+    result = zero.run()  # no re-training iteration, hence no <arch>_best.pth: tested on the final weights
+    assert [set(a["test"]) for a in result["architectures"]] == [{"seg", "depth"}] * 2
+    assert not list((tmp_path / "zero" / "ck" / "t").glob("retrain*_best.pth"))

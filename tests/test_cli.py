@@ -95,3 +95,12 @@ def test_checkpoint_commands_take_the_model_options_from_the_checkpoint(tmp_path
     yml.write_text(other.to_yaml())
     assert main(["train", "--config", str(yml), "--resume", ckpt, "--no-progress"]) == 2
     assert "tasks_num_class [4, 1] (this run: [5, 1])" in capsys.readouterr().err
+
+
+def test_out_of_range_flag_is_a_one_line_error(tmp_path, capsys):
+    from fastshare.cli import main
+
+    yml = tmp_path / "c.yml"
+    yml.write_text("train:\n  batch_size: 2\n")
+    assert main(["train", "--config", str(yml), "--val-fraction", "0"]) == 2
+    assert "command-line flags: RunOptions.val_fraction must be in (0, 1)" in capsys.readouterr().err

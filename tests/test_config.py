@@ -131,6 +131,18 @@ def test_wrong_type_is_an_error_naming_the_key(data, pattern):
         ({"device": "gpu0"}, r"device: 'gpu0'"),
         ({"dataload": {"dataset": "NYU_v2"}}, r"dataload\.dataroot: required"),
         ({"dataload": {"crop_h": None}}, r"crop_h / crop_w"),
+        ({"backbone": "ResNet50"}, r"backbone: 'ResNet50' is not one of ResNet18, ResNet34, ResNet101"),
+        ({"policy_model": "instance-specific"}, r"policy_model: 'instance-specific' is not one of task-specific"),
+        ({"train": {"decay_temp": 1.5}}, r"train\.decay_temp: must be in \(0, 1\], got 1\.5"),
+        ({"train": {"decay_lr_rate": 0}}, r"train\.decay_lr_rate: must be in \(0, 1\]"),
+        ({"train": {"lr": -0.1}}, r"train\.lr: must be > 0"),
+        ({"train": {"policy_lr": 0}}, r"train\.policy_lr: must be > 0"),
+        ({"train": {"reg_w": -1}}, r"train\.reg_w: must be >= 0"),
+        ({"tasks_num_class": [4, 2, 1]}, r"tasks_num_class: task 'sn' predicts 3 channel\(s\), got 2"),
+        ({"lambdas": [1, -1, 1]}, r"lambdas: every task weight must be >= 0"),
+        ({"train": {"retrain_resume": True}}, r"train\.retrain_resume: True is not supported.*fastshare retrain --from"),
+        ({"retrain_from_pl": True}, r"retrain_from_pl: True is not supported"),
+        ({"policy": False}, r"policy: False is not supported"),
     ],
 )
 def test_invalid_value_is_an_error(data, pattern):

@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastshare.config import Config
+from fastshare.config import Config, ConfigError
 from fastshare.metrics import LOWER_IS_BETTER, MultiTaskMetrics, multi_task_delta
 from fastshare.model import AdaShareNet
 from fastshare.policy import (
@@ -124,6 +124,17 @@ class RunOptions:
     progress: bool = True
     sync_bn: bool = False
 
+    def __post_init__(self) -> None:
+        checks = [("head_width", self.head_width >= 1, ">= 1"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                  ("num_samples", self.num_samples >= 0, ">= 0"),
+                  ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1): the search selects on it"),
+                  ("eval_batches", self.eval_batches is None or self.eval_batches >= 1, ">= 1 or None"),
+                  ("num_train", self.num_train >= 1, ">= 1"), ("num_test", self.num_test >= 1, ">= 1"),
+                  ("checkpoint_every", self.checkpoint_every is None or self.checkpoint_every >= 1, ">= 1 or None")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"RunOptions.{name} must be {want}, got {getattr(self, name)!r}")
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, numpy's global generator and torch (CPU and CUDA)."""
@@ -142,6 +153,24 @@ def build_model(cfg: Config, opts: RunOptions) -> AdaShareNet:
                        skip_layer=cfg.skip_layer, init_method=cfg.train.init_method,
                        init_neg_logits=cfg.init_neg_logits, head_width=opts.head_width, dropout=opts.dropout,
                        executor=cfg.executor)
+
+
+def config_resume_path(cfg: Config) -> Path | None:
+    """The checkpoint AdaShare's ``train.resume: true`` continues from:
+    ``<checkpoint_dir>/<exp_name>/<train.which_iter>.pth`` (``warmup``, ``latest``, ``best``, ...); None
+    when ``train.resume`` is false. Raises :class:`~fastshare.train.CheckpointError` when the file is
+    missing, saying how to start a new run instead."""
+    if not cfg.train.resume:
+        return None
+    which = cfg.train.which_iter
+    if isinstance(which, int):
+        raise ConfigError(f"train.which_iter: {which} names an iteration; fastshare writes named checkpoints "
+                          "(warmup, latest, best, search_done): name one of them")
+    path = Path(cfg.paths.checkpoint_dir) / cfg.exp_name / f"{which}.pth"
+    if not path.is_file():
+        raise ckpt_io.CheckpointError(path, "no such file (train.resume is true and train.which_iter names it; "
+                                            "set train.resume: false to start a new run)")
+    return path
 
 
 def _seg_class_weights(ds: torch.utils.data.Dataset) -> torch.Tensor | None:
@@ -192,7 +221,7 @@ def build_splits(cfg: Config, opts: RunOptions, seed: int) -> dict[str, torch.ut
     data set allows turning it off.
     """
     train = _dataset(cfg, opts, "train", seed)
-    n_val = max(cfg.train.batch_size, int(round(opts.val_fraction * len(train)))) if opts.val_fraction > 0 else 0
+    n_val = max(cfg.train.batch_size, int(round(opts.val_fraction * len(train))))
     if n_val >= len(train):
         raise ValueError(f"val_fraction {opts.val_fraction} leaves no training data ({len(train)} samples)")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 4242)).tolist()
@@ -259,25 +288,31 @@ def selection_score(metrics: Mapping[str, Mapping[str, float]], reference: Mappi
 
 
 class _RunLog:
-    """JSON-lines log (``log.jsonl``) and optional TensorBoard scalars, on the main rank only."""
+    """JSON-lines log (``log.jsonl``) and optional TensorBoard scalars, on the main rank only. Closing it
+    (at the end of :meth:`Trainer.run`) releases the files; a later record opens them again (appending)."""
 
     def __init__(self, folder: Path | None, tensorboard: bool) -> None:
         self.folder = folder
+        self.tensorboard = tensorboard
         self._fh = None
         self._tb = None
-        if folder is None:
+        self._open()
+
+    def _open(self) -> None:
+        if self.folder is None or self._fh is not None:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        self._fh = open(folder / "log.jsonl", "a", encoding="utf-8", buffering=1)
-        if tensorboard:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.folder / "log.jsonl", "a", encoding="utf-8", buffering=1)
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise RuntimeError("TensorBoard logging was requested but tensorboard is not installed "
                                    "(pip install 'fastshare[tensorboard]')") from exc
-            self._tb = SummaryWriter(str(folder / "tensorboard"))
+            self._tb = SummaryWriter(str(self.folder / "tensorboard"))
 
     def write(self, record: Mapping[str, Any], step: int | None = None) -> None:
+        self._open()
         if self._fh is None:
             return
         self._fh.write(json.dumps(record, default=float) + "\n")
@@ -670,11 +705,14 @@ class Trainer:
         """Test metrics of the architecture's best (validation) weights; next architecture."""
         st = self.state
         if self.ctx.is_main:
-            best = ckpt_io.load_checkpoint(self.checkpoint_dir / f"{self._arch_label()}_best.pth", self.device)
-            final_state = copy.deepcopy(self.net.state_dict())
-            self.net.load_state_dict(best["model"])
-            test = self._validate(gates, "test")
-            self.net.load_state_dict(final_state)
+            if st.retrain_best > -math.inf:  # this run wrote <arch>_best.pth at its best validation
+                best = ckpt_io.load_checkpoint(self.checkpoint_dir / f"{self._arch_label()}_best.pth", self.device)
+                final_state = copy.deepcopy(self.net.state_dict())
+                self.net.load_state_dict(best["model"])
+                test = self._validate(gates, "test")
+                self.net.load_state_dict(final_state)
+            else:  # no validation scored (no re-training iteration, or NaN scores): the final weights
+                test = self._validate(gates, "test")
             st.results.append({"arch": st.arch, "policy": st.policies[st.arch], "val_score": st.retrain_best,
                                "test": test})
             self.log.write({"phase": self._arch_label(), "test": test, "val_score": st.retrain_best})

@@ -160,3 +160,10 @@ def test_taskonomy_five_tasks_train_with_class_weights(tmp_path, monkeypatch):
     test = result["architectures"][0]["test"]
     assert set(test) == {"seg", "sn", "depth", "keypoint", "edge"}
     assert all(math.isfinite(v) for task in test.values() for v in task.values())
+
+
+def test_trainer_rejects_a_task_the_data_set_lacks(tmp_path):
+    cfg = load_config({"tasks": ["seg", "keypoint"], "tasks_num_class": [4, 1], "lambdas": [1, 1],
+                       "paths": {"log_dir": str(tmp_path / "logs"), "checkpoint_dir": str(tmp_path / "ck")}})
+    with pytest.raises(ValueError, match=r"dataset 'Synthetic' has no task\(s\) \['keypoint'\]"):
+        Trainer(cfg, RunOptions(head_width=8, num_train=8, num_test=4, progress=False))

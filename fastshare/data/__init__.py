@@ -40,6 +40,18 @@ TASK_TARGET_KEY: dict[str, str] = {
 }
 
 
+def check_tasks_provided(cfg: Config) -> None:
+    """Raise ``ValueError`` if ``cfg.dataload.dataset`` is unknown or lacks a task of ``cfg.tasks``."""
+    dl = cfg.dataload
+    classes = {"Synthetic": SyntheticScenes, "NYU_v2": NYUv2, "CityScapes": CityScapes, "Taskonomy": Taskonomy}
+    if dl.dataset not in classes:
+        raise ValueError(f"unknown dataset {dl.dataset!r}; known: {sorted(classes)}")
+    provided = classes[dl.dataset].TASKS
+    missing = [t for t in cfg.tasks if t not in provided]
+    if missing:
+        raise ValueError(f"dataset {dl.dataset!r} has no task(s) {missing}; it provides {list(provided)}")
+
+
 def build_dataset(cfg: Config, split: str, *, augment: bool | None = None) -> torch.utils.data.Dataset:
     """The data set named by ``cfg.dataload`` for ``split`` (``train``, ``train1``, ``train2``, ``test``).
 
@@ -49,13 +61,7 @@ def build_dataset(cfg: Config, split: str, *, augment: bool | None = None) -> to
     configured task is not provided by the data set.
     """
     dl = cfg.dataload
-    classes = {"Synthetic": SyntheticScenes, "NYU_v2": NYUv2, "CityScapes": CityScapes, "Taskonomy": Taskonomy}
-    if dl.dataset not in classes:
-        raise ValueError(f"unknown dataset {dl.dataset!r}; known: {sorted(classes)}")
-    provided = classes[dl.dataset].TASKS
-    missing = [t for t in cfg.tasks if t not in provided]
-    if missing:
-        raise ValueError(f"dataset {dl.dataset!r} has no task(s) {missing}; it provides {list(provided)}")
+    check_tasks_provided(cfg)
     train = split not in ("test", "test_small")
     crop = (dl.crop_h, dl.crop_w) if train else (None, None)
     if dl.dataset == "Synthetic":
@@ -72,6 +78,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMG_MEAN_BGR",
     "TASK_TARGET_KEY",
+    "check_tasks_provided",
     "CityScapes",
     "DataFileError",
     "NYUv2",

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastshare.config import Config, ConfigError
+from fastshare.data import check_tasks_provided
 from fastshare.metrics import LOWER_IS_BETTER, MultiTaskMetrics, multi_task_delta
 from fastshare.model import AdaShareNet
 from fastshare.policy import (
@@ -190,6 +191,7 @@ def _sample_keys(ds: torch.utils.data.Dataset) -> list[Any]:
 
 
 def _dataset(cfg: Config, opts: RunOptions, split: str, seed: int) -> torch.utils.data.Dataset:
+    check_tasks_provided(cfg)
     d = cfg.dataload
     name = d.dataset
     if name == "Synthetic":

@@ -167,3 +167,4 @@ def test_trainer_rejects_a_task_the_data_set_lacks(tmp_path):
                        "paths": {"log_dir": str(tmp_path / "logs"), "checkpoint_dir": str(tmp_path / "ck")}})
     with pytest.raises(ValueError, match=r"dataset 'Synthetic' has no task\(s\) \['keypoint'\]"):
         Trainer(cfg, RunOptions(head_width=8, num_train=8, num_test=4, progress=False))
+    assert not (tmp_path / "logs").exists()

@@ -191,7 +191,6 @@ def _sample_keys(ds: torch.utils.data.Dataset) -> list[Any]:
 
 
 def _dataset(cfg: Config, opts: RunOptions, split: str, seed: int) -> torch.utils.data.Dataset:
-    check_tasks_provided(cfg)
     d = cfg.dataload
     name = d.dataset
     if name == "Synthetic":
@@ -222,6 +221,7 @@ def build_splits(cfg: Config, opts: RunOptions, seed: int) -> dict[str, torch.ut
     ``train``, ``train1`` and ``train2``. The validation split is evaluated without augmentation where the
     data set allows turning it off.
     """
+    check_tasks_provided(cfg)
     train = _dataset(cfg, opts, "train", seed)
     n_val = max(cfg.train.batch_size, int(round(opts.val_fraction * len(train))))
     if n_val >= len(train):
@@ -383,11 +383,12 @@ class Trainer:
         self.reg = PolicyRegularisation(cfg.train.reg_w, cfg.train.reg_w_hamming, cfg.is_sparse, cfg.is_sharing,
                                         cfg.diff_sparsity_weights)
         self.checkpoint_dir = Path(cfg.paths.checkpoint_dir) / cfg.exp_name
-        self.log = _RunLog(Path(cfg.paths.log_dir) / cfg.exp_name if self.ctx.is_main else None,
-                           self.opts.tensorboard)
         seed_everything(self.seed)
+        # The data first: a configuration the data set cannot serve leaves no log folder behind.
         self.data = dict(datasets) if datasets is not None else build_splits(cfg, self.opts, self.seed)
         self.seg_class_weights = _seg_class_weights(self.data["train"])
+        self.log = _RunLog(Path(cfg.paths.log_dir) / cfg.exp_name if self.ctx.is_main else None,
+                           self.opts.tensorboard)
         b = cfg.train.batch_size
         mk = dict(workers=cfg.workers, rank=self.ctx.rank, world_size=self.ctx.world_size,
                   pin_memory=self.device.type == "cuda")

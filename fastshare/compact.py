@@ -39,30 +39,37 @@ def _conv3x3(cin: int, cout: int, stride: int, dilation: int) -> nn.Conv2d:
 
 
 class CompactBasicBlock(nn.Module):
-    """``F(x) = bn2(conv2(relu(bn1(conv1(x)))))`` (3x3 convs); same parameter names as AdaShare's."""
+    """``F(x) = bn2(conv2(relu(bn1(conv1(x)))))`` (3x3 convs); same parameter names as AdaShare's.
+    ``track_running_stats``: that of every BatchNorm."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int, dilation: int) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int, dilation: int,
+                 track_running_stats: bool = True) -> None:
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = nn.BatchNorm2d(planes, track_running_stats=track_running_stats)
         self.conv2 = _conv3x3(planes, planes, 1, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = nn.BatchNorm2d(planes, track_running_stats=track_running_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
 
 
 class CompactBottleneck(nn.Module):
-    """``F(x)``: 1x1 (stride) -> 3x3 (dilated) -> 1x1 (x4), BN after each, ReLU between."""
+    """``F(x)``: 1x1 (stride) -> 3x3 (dilated) -> 1x1 (x4), BN after each, ReLU between; BN affine
+    parameters frozen (``requires_grad=False``) as in AdaShare's Deeplab-ResNet-101."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int, dilation: int) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int, dilation: int,
+                 track_running_stats: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = nn.BatchNorm2d(planes, track_running_stats=track_running_stats)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = nn.BatchNorm2d(planes, track_running_stats=track_running_stats)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = nn.BatchNorm2d(planes * 4, track_running_stats=track_running_stats)
+        for bn in (self.bn1, self.bn2, self.bn3):
+            for p in bn.parameters():
+                p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
@@ -162,7 +169,11 @@ class CompactNet(nn.Module):
               block ``l`` to node ``parent``'s output (``-1`` = the stem);
             - ``tasks``: ``[[name, classes, leaf], ...]`` (the head of ``name`` reads node ``leaf``);
             - ``policy``: the ``(K, L)`` 0/1 policy, for reference;
-            - ``head``: ``{"width", "rates", "dropout"}``.
+            - ``head``: ``{"width", "rates", "dropout"}``;
+            - ``track_running_stats`` (optional, default True): that of every backbone BatchNorm (False:
+              no running-statistics buffers, batch statistics in eval mode too);
+            - ``frozen`` (optional): names of the parameters with ``requires_grad=False`` (every other
+              parameter is trainable); without it, the modules' defaults (Bottleneck BN frozen).
 
     Forward: ``(B, 3, H, W) -> {task: (B, classes, h, w)}``.
     """
@@ -174,8 +185,9 @@ class CompactNet(nn.Module):
                              f"this file reads {COMPACT_FORMAT}")
         self.config = copy.deepcopy(config)
         block_cls, expansion = _BLOCKS[config["block"]]
+        track = bool(config.get("track_running_stats", True))
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(64, track_running_stats=track)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
         self.blocks = nn.ModuleDict()
         self.ds = nn.ModuleDict()
@@ -184,11 +196,11 @@ class CompactNet(nn.Module):
         executed = {l for _, l, e in self.program if e}
         for l, inplanes, planes, stride, dilation, has_projection in config["blocks"]:
             if l in executed:
-                self.blocks[str(l)] = block_cls(inplanes, planes, stride, dilation)
+                self.blocks[str(l)] = block_cls(inplanes, planes, stride, dilation, track)
             if has_projection and l in on_path:
                 self.ds[str(l)] = nn.Sequential(
                     nn.Conv2d(inplanes, planes * expansion, 1, stride=stride, bias=False),
-                    nn.BatchNorm2d(planes * expansion))
+                    nn.BatchNorm2d(planes * expansion, track_running_stats=track))
         head = config["head"]
         self.task_names = tuple(name for name, _, _ in config["tasks"])
         self.leaves = tuple(int(leaf) for _, _, leaf in config["tasks"])
@@ -196,6 +208,10 @@ class CompactNet(nn.Module):
             name: CompactASPPHead(int(config["out_channels"]), int(classes), list(head["rates"]),
                                   int(head["width"]), float(head["dropout"]))
             for name, classes, _ in config["tasks"]})
+        if config.get("frozen") is not None:
+            frozen = set(config["frozen"])
+            for name, p in self.named_parameters():
+                p.requires_grad_(name not in frozen)
 
     def trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Backbone part: ``(B, 3, H, W) ->`` each task's leaf features ``(B, C, h, w)``, in task order."""

@@ -9,6 +9,8 @@ tree executor computes (each node once, skipped blocks not at all). Save ``compa
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from fastshare.compact import COMPACT_FORMAT, CompactNet
@@ -27,6 +29,12 @@ def compact_config(model, plan: Plan) -> dict:
         conv = block.conv1 if not isinstance(block, Bottleneck) else block.conv2
         blocks.append([l, block.conv1.in_channels, block.bn1.num_features, block.conv1.stride[0],
                        conv.dilation[0], bb.has_projection(l)])
+    bns = [m for m in bb.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    track = bns[0].track_running_stats
+    if any(m.track_running_stats != track or (m.running_mean is not None) != track for m in bns):
+        raise ValueError("export needs the same track_running_stats (with or without running-statistics "
+                         "buffers) for every backbone BatchNorm")
+    frozen = [name for name, p in _source_parameters(model, plan) if not p.requires_grad]
     heads = [model.heads[t] for t in model.tasks]
     first = heads[0].branches()[0]
     dropout = first.dropout.p
@@ -44,38 +52,64 @@ def compact_config(model, plan: Plan) -> dict:
         "policy": [list(r) for r in plan.policy],
         "plan": plan.to_dict(),
         "head": {"width": first.conv2.out_channels, "rates": list(heads[0].rates), "dropout": dropout},
+        "track_running_stats": track,
+        "frozen": frozen,
     }
 
 
-def export(model, policy: torch.Tensor | Plan) -> CompactNet:
+def _source_state(model, plan: Plan) -> dict[str, torch.Tensor]:
+    """``{CompactNet state-dict key: the model's tensor}`` (parameters and buffers, not copied) of the
+    stem, the blocks some task of ``plan`` executes, the projections on the tasks' paths and the heads."""
+    bb = model.backbone
+    executed = sorted({n.block for n in plan.nodes if n.execute})
+    on_path = sorted({n.block for n in plan.nodes if bb.has_projection(n.block)})
+    state = {"conv1.weight": bb.conv1.weight}
+    state.update({f"bn1.{k}": v for k, v in bb.bn1.state_dict(keep_vars=True).items()})
+    for l in executed:
+        stage, b = bb.block_index[l]
+        state.update({f"blocks.{l}.{k}": v for k, v in bb.blocks[stage][b].state_dict(keep_vars=True).items()})
+    for l in on_path:
+        stage, _ = bb.block_index[l]
+        state.update({f"ds.{l}.{k}": v for k, v in bb.ds[stage].state_dict(keep_vars=True).items()})
+    for t in model.tasks:
+        state.update({f"heads.{t}.{k}": v for k, v in model.heads[t].state_dict(keep_vars=True).items()})
+    return state
+
+
+def _source_parameters(model, plan: Plan) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters among :func:`_source_state`, by CompactNet name."""
+    return [(k, v) for k, v in _source_state(model, plan).items() if isinstance(v, torch.nn.Parameter)]
+
+
+def export(model, policy: torch.Tensor | Plan | Sequence[Sequence[int]]) -> CompactNet:
     """Compact deployment model of ``model`` under a fixed hard ``policy``.
 
     Args:
         model: an :class:`~fastshare.model.AdaShareNet`.
-        policy: ``(K, L)`` 0/1 tensor (1 = execute), or a :class:`~fastshare.plan.Plan`.
+        policy: ``(K, L)`` 0/1 tensor or nested list (1 = execute; row ``k`` = ``model.tasks[k]``), or a
+            :class:`~fastshare.plan.Plan`, whose rows are matched to the model's tasks by name (see
+            :meth:`AdaShareNet.policy_tensor <fastshare.model.AdaShareNet.policy_tensor>`).
 
     Returns a :class:`~fastshare.compact.CompactNet` on the model's device and dtype, in eval mode, whose
-    ``state_dict`` holds copies of exactly the used weights and buffers; ``report(input_size)`` gives its
-    parameters and FLOPs against the full multi-task network and K single-task networks.
+    ``state_dict`` holds copies of exactly the used weights and buffers (``requires_grad`` as in the
+    model, recorded in ``config["frozen"]``); ``report(input_size)`` gives its parameters and FLOPs
+    against the full multi-task network and K single-task networks.
+
+    Raises ``ValueError`` for a policy of another shape, values other than 0/1, or a plan whose task names
+    are not the model's.
     """
-    plan = policy if isinstance(policy, Plan) else Plan(policy)
+    if isinstance(policy, Plan):
+        if (policy.num_tasks, policy.num_blocks) != (model.num_tasks, model.num_blocks):
+            raise ValueError(f"policy is {policy.num_tasks} x {policy.num_blocks}, the model has "
+                             f"{model.num_tasks} tasks x {model.num_blocks} blocks")
+        policy = model.policy_tensor(policy)
+    plan = Plan(policy)
     if (plan.num_tasks, plan.num_blocks) != (model.num_tasks, model.num_blocks):
         raise ValueError(f"policy is {plan.num_tasks} x {plan.num_blocks}, the model has "
                          f"{model.num_tasks} tasks x {model.num_blocks} blocks")
     plan = Plan(plan.policy, model.tasks)
-    bb = model.backbone
     with torch.device("meta"):
         compact = CompactNet(compact_config(model, plan))
-    state = {"conv1.weight": bb.conv1.weight}
-    state.update({f"bn1.{k}": v for k, v in bb.bn1.state_dict(keep_vars=True).items()})
-    for key in compact.blocks:
-        stage, b = bb.block_index[int(key)]
-        state.update({f"blocks.{key}.{k}": v for k, v in bb.blocks[stage][b].state_dict(keep_vars=True).items()})
-    for key in compact.ds:
-        stage, _ = bb.block_index[int(key)]
-        state.update({f"ds.{key}.{k}": v for k, v in bb.ds[stage].state_dict(keep_vars=True).items()})
-    for t in model.tasks:
-        state.update({f"heads.{t}.{k}": v for k, v in model.heads[t].state_dict(keep_vars=True).items()})
-    state = {k: v.detach().clone() for k, v in state.items()}
+    state = {k: v.detach().clone() for k, v in _source_state(model, plan).items()}
     compact.load_state_dict(state, strict=True, assign=True)
     return compact.eval()

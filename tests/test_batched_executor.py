@@ -6,6 +6,8 @@ running statistics, ``num_batches_tracked``), and take the same SGD step on both
 float64 (exact up to summation order, so float32 ReLU flips near 0 cannot make it flaky); a smaller
 float32 set checks the contract's 1e-5 / 1e-4 tolerances, and bf16 autocast is compared with the float32
 reference. Small inputs (33x33 images, B = 2, head width 16) keep the file cheap on a shared CPU.
+Further down: the fast heads against the module (dropout as each ``nn.Dropout`` applies it, empty
+batches), BatchNorms the executor cannot segment (refused), and empty batches through the executor.
 """
 
 from __future__ import annotations
@@ -288,3 +290,177 @@ def test_channels_last_input_and_state_dict_unchanged():
                     fast.gates("sample", tau=1.0, hard=True, u=u), executor="batched")
     for task in out_ref:
         _check(task, out_ref[task], out_fast[task], 1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout as each nn.Dropout module applies it (its own training flag and p, not the head's).
+
+def _dropout_eval(model: torch.nn.Module) -> torch.nn.Module:
+    """Training mode with every nn.Dropout in eval mode (BN on batch statistics, no dropout)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    return model
+
+
+@pytest.mark.parametrize("size", [(5, 5), (9, 9)], ids=["all-1x1", "dilated-and-1x1"])
+def test_fast_head_follows_the_dropout_modules_training_flag(size):
+    torch.manual_seed(0)
+    head = _dropout_eval(ASPPHead(24, 5, width=12, dropout=0.5).double())
+    x = torch.randn(2, 24, *size, dtype=torch.float64, requires_grad=True)
+    ref = head(x)  # no dropout: every nn.Dropout is in eval mode
+    got = aspp_head_forward(head, x)
+    _check("head output", ref, got, 1e-12)
+    grad = torch.randn_like(ref)
+    params = [x] + list(head.parameters())
+    for a, b in zip(torch.autograd.grad(ref, params, grad), torch.autograd.grad(got, params, grad)):
+        _check("head grad", a, b, 1e-11)
+
+
+@pytest.mark.parametrize("size,dropped", [((5, 5), 0), ((9, 9), 1)], ids=["all-1x1", "dilated-and-1x1"])
+def test_fast_head_uses_each_branch_dropout_p(size, dropped):
+    """The first 1x1 branch drops (p = 0.9) but contributes nothing (zero last convolution); the others
+    have p = 0, so head(x) is deterministic and the fast forward must not apply the dropping branch's p to
+    the other 1x1 branches (nor theirs to it)."""
+    torch.manual_seed(0)
+    head = ASPPHead(24, 5, width=12, dropout=0.0).double().train()
+    branch = head.branches()[dropped]
+    branch.dropout.p = 0.9
+    with torch.no_grad():
+        branch.conv3.weight.zero_()
+        branch.conv3.bias.zero_()
+    x = torch.randn(2, 24, *size, dtype=torch.float64, requires_grad=True)
+    ref = head(x)
+    got = aspp_head_forward(head, x)
+    _check("head output", ref, got, 1e-12)
+    grad = torch.randn_like(ref)
+    params = [x] + [p for j, b in enumerate(head.branches()) if j != dropped for p in b.parameters()]
+    for a, b in zip(torch.autograd.grad(ref, params, grad), torch.autograd.grad(got, params, grad)):
+        _check("head grad", a, b, 1e-11)
+
+
+def test_fast_head_drops_both_layers_of_each_branch_with_its_p():
+    """Branches 1 and 3 have p = 0.5, branches 0 and 2 p = 0 (two groups of 1x1 branches). Branch 1 is made
+    the identity after its first convolution and the only contributor, so the output is
+    ``mask1 * mask2 * relu(conv1(x)) / (1 - p)^2``: about (1 - p)^2 = 1/4 of the positive units survive
+    (1/2 if one of its two dropouts were skipped), each scaled by exactly 4."""
+    torch.manual_seed(0)
+    width = 16
+    head = ASPPHead(8, width, width=width, dropout=0.0).double().train()
+    for j in (1, 3):
+        head.branches()[j].dropout.p = 0.5
+    with torch.no_grad():
+        for j, b in enumerate(head.branches()):
+            b.conv3.bias.zero_()
+            if j == 1:
+                b.conv2.weight.copy_(torch.eye(width)[:, :, None, None])
+                b.conv2.bias.zero_()
+                b.conv3.weight.copy_(torch.eye(width)[:, :, None, None])
+            else:
+                b.conv3.weight.zero_()
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)  # 5x5 features: every branch is 1x1
+    with torch.no_grad():
+        got = aspp_head_forward(head, x)
+        hidden = torch.relu(head.fc1_c1.conv1(x))
+    positive = hidden > 0
+    kept = (got != 0) & positive
+    assert not bool(((got != 0) & ~positive).any())
+    frac = float(kept.sum()) / float(positive.sum())
+    assert abs(frac - 0.25) < 0.08, f"{frac:.3f} of the units survive, expected about 0.25"
+    _check("kept units", 4 * hidden[kept], got[kept], 1e-12)
+
+
+@pytest.mark.parametrize("executor", ["batched", "tree"])
+def test_model_with_dropout_modules_in_eval_mode_equals_reference(executor):
+    torch.manual_seed(0)
+    ref = AdaShareNet("resnet18", {"t0": 3, "t1": 2}, head_width=16, dropout=0.5, init_method="random").double()
+    with torch.no_grad():
+        ref.logits.normal_(0.0, 1.0)
+    fast = copy.deepcopy(ref)
+    x = torch.randn(BATCH, 3, 41, 41, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    u = torch.rand(tuple(ref.logits.shape), generator=torch.Generator().manual_seed(3)).clamp_(1e-6, 1 - 1e-6)
+    policy = torch.tensor([[1, 1, 0, 1, 1, 0, 1, 1], [1, 0, 1, 1, 1, 1, 0, 1]], dtype=torch.float64)
+    outs = []
+    for model, name in ((ref, "sequential"), (fast, executor)):
+        _dropout_eval(model)
+        gates = (model.gates("fixed", policy=policy) if executor == "tree"
+                 else model.gates("sample", tau=2.0, num_train_layers=4, u=u))
+        out = model(x, gates, executor=name)
+        _loss(out, model).backward()
+        outs.append(out)
+    for task in outs[0]:
+        _check(f"output {task}", outs[0][task], outs[1][task], 1e-10)
+    for (name, p_ref), (_, p_fast) in zip(ref.named_parameters(), fast.named_parameters()):
+        if p_fast.grad is not None:
+            _check(f"grad {name}", p_ref.grad, p_fast.grad, 1e-9, floor=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BatchNorms the batched executor cannot segment; empty batches.
+
+def _plain_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every SegmentedBatchNorm2d by a plain nn.BatchNorm2d with the same state (in place)."""
+    from fastshare.model.norm import SegmentedBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, SegmentedBatchNorm2d):
+            plain = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.dtype)
+            plain.load_state_dict(child.state_dict())
+            setattr(module, name, plain)
+        else:
+            _plain_batch_norms(child)
+    return module
+
+
+def test_batched_rejects_batch_norms_that_pool_the_tasks():
+    ref, fast = _pair("resnet18", 3, torch.float64)
+    x = torch.randn(BATCH, 3, IMAGE, IMAGE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    gates = fast.gates("sample", tau=2.0, hard=True, num_train_layers=4)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fast)).train()
+    with pytest.raises(TypeError, match=r"SegmentedBatchNorm2d .*backbone\.bn1 is a SyncBatchNorm"):
+        synced(x, gates, executor="batched")
+    plain = _plain_batch_norms(copy.deepcopy(fast)).train()
+    with pytest.raises(TypeError, match=r"backbone\.bn1 is a BatchNorm2d"):
+        plain(x, gates, executor="batched")
+    # On running statistics a BatchNorm of any class is an affine map: eval mode is accepted and exact.
+    _plain_batch_norms(ref).eval()
+    plain.eval()
+    out_ref = ref(x, gates, executor="sequential")
+    out = plain(x, gates, executor="batched")
+    for task in out_ref:
+        _check(f"eval output {task}", out_ref[task], out[task], 1e-10)
+
+
+def test_sync_bn_needs_the_sequential_executor():
+    from fastshare.train.distributed import DistContext, wrap_model
+
+    model = _make_model("resnet18", 2, torch.float32)
+    ctx = DistContext(rank=0, world_size=2)  # never reaches the process group: refused before
+    with pytest.raises(ValueError, match="sync_bn=True needs executor='sequential'.*'auto'"):
+        wrap_model(model, ctx, sync_bn=True)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_empty_batch_equals_reference(train):
+    ref, fast = _pair("resnet18", 2, torch.float32)
+    ref.train(train)
+    fast.train(train)
+    x = torch.randn(0, 3, IMAGE, IMAGE)
+    u = torch.rand(tuple(ref.logits.shape), generator=torch.Generator().manual_seed(6)).clamp_(1e-6, 1 - 1e-6)
+    out_ref = ref(x, ref.gates("sample", tau=2.0, num_train_layers=4, u=u), executor="sequential")
+    out = fast(x, fast.gates("sample", tau=2.0, num_train_layers=4, u=u), executor="batched")
+    for task in out_ref:
+        assert out[task].shape == out_ref[task].shape == (0, CLASSES[ref.task_index(task)], 5, 5)
+    bufs_ref = dict(ref.named_buffers())
+    for name, b in fast.named_buffers():
+        assert torch.equal(b, bufs_ref[name]), name
+
+
+def test_fast_head_empty_batch():
+    torch.manual_seed(0)
+    head = ASPPHead(24, 5, width=12, dropout=0.5).train()
+    for size in ((5, 5), (9, 9)):
+        x = torch.randn(0, 24, *size)
+        out = aspp_head_forward(head, x)
+        assert out.shape == head(x).shape == (0, 5, *size)

@@ -150,3 +150,64 @@ def test_bad_inputs(model):
         fastshare.export(model, torch.full((3, 8), 0.5))
     with pytest.raises(ValueError, match="format"):
         CompactNet({"format": 0})
+
+
+def test_plan_rows_are_matched_to_the_tasks_by_name(model, x):
+    from fastshare.plan import Plan
+
+    want = fastshare.export(model, POLICY)
+    order = [2, 0, 1]
+    named = fastshare.export(model, Plan(POLICY[order], [model.tasks[i] for i in order]))
+    assert named.config["policy"] == want.config["policy"]
+    with torch.no_grad():
+        _assert_same(named(x), want(x))
+    assert fastshare.export(model, Plan(POLICY)).config["policy"] == want.config["policy"]  # unnamed
+    assert fastshare.export(model, POLICY.int().tolist()).config["policy"] == want.config["policy"]
+    with pytest.raises(ValueError, match="the plan is for tasks a, b, c, the model has seg, sn, depth"):
+        fastshare.export(model, Plan(POLICY, ["a", "b", "c"]))
+
+
+def test_requires_grad_is_copied(model):
+    import copy
+
+    frozen = copy.deepcopy(model)
+    frozen.backbone.bn1.weight.requires_grad_(False)
+    frozen.backbone.blocks[0][1].bn2.bias.requires_grad_(False)
+    frozen.heads["sn"].fc1_c1.conv2.weight.requires_grad_(False)
+    compact = fastshare.export(frozen, POLICY)
+    names = {"bn1.weight", "blocks.1.bn2.bias", "heads.sn.fc1_c1.conv2.weight"}
+    assert {n for n, p in compact.named_parameters() if not p.requires_grad} == names
+    rebuilt = CompactNet(json.loads(json.dumps(compact.config)))
+    assert {n for n, p in rebuilt.named_parameters() if not p.requires_grad} == names
+
+
+def test_bottleneck_batch_norms_stay_frozen():
+    net = AdaShareNet("resnet101", {"a": 2}, head_width=8, dropout=0.0)
+    policy = torch.ones(1, net.num_blocks)
+    policy[0, 5] = 0
+    compact = fastshare.export(net, policy)
+    # As in the model: the Bottleneck blocks' BN affine parameters are frozen, the stem's and shortcuts' not.
+    want = {n for n, _ in compact.named_parameters() if n.startswith("blocks.") and ".bn" in n}
+    got = {n for n, p in compact.named_parameters() if not p.requires_grad}
+    assert got == want and any(".bn3." in n for n in got)
+    config = {k: v for k, v in compact.config.items() if k != "frozen"}  # a config written before "frozen"
+    with torch.device("meta"):
+        assert {n for n, p in CompactNet(config).named_parameters() if not p.requires_grad} == got
+
+
+def test_batch_norm_without_running_stats(model, x):
+    import copy
+
+    net = copy.deepcopy(model)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    compact = fastshare.export(net, POLICY)
+    assert not any("running_" in k or "num_batches" in k for k in compact.state_dict())
+    with torch.no_grad():
+        _assert_same(compact(x), _tree(net, x))
+    rebuilt = CompactNet(json.loads(json.dumps(compact.config)))
+    rebuilt.load_state_dict(compact.state_dict())
+    with torch.no_grad():
+        _assert_same(rebuilt.eval()(x), compact(x))

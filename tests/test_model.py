@@ -203,3 +203,48 @@ def test_sequential_updates_batch_norm_once_per_task():
     before = m.backbone.blocks[0][0].bn1.num_batches_tracked.item()
     m(torch.randn(2, 3, 33, 33))
     assert m.backbone.blocks[0][0].bn1.num_batches_tracked.item() == before + m.num_tasks
+
+
+def test_bad_forward_inputs_name_the_problem():
+    m = _tiny().eval()
+    x = torch.randn(2, 3, 33, 33, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor .* got torch.uint8"):
+        m((x * 50).to(torch.uint8))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor .* got torch.int64"):
+        m((x * 50).long())
+    with pytest.raises(TypeError, match="x is torch.float64 but the model's weights are torch.float32"):
+        m(x.double())
+    with pytest.raises(ValueError, match="x is on meta but the model is on cpu"):
+        m(x.to("meta"))
+    with pytest.raises(TypeError, match="x must be a .* image tensor, got list"):
+        m(x.tolist())
+    with pytest.raises(TypeError, match="gates must be a fastshare.policy.Gates .* got str"):
+        m(x, "sample")
+    with pytest.raises(ValueError, match="unknown executor ''"):
+        m(x, executor="")
+    # Under autocast the input may be in another floating dtype than the weights.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x.bfloat16())
+    assert all(o.dtype == torch.bfloat16 for o in out.values())
+
+
+def test_fixed_gates_from_lists_and_plans():
+    from fastshare.plan import Plan
+
+    m = _tiny()  # tasks seg, sn, depth
+    g = torch.Generator().manual_seed(2)
+    policy = (torch.rand(3, 8, generator=g) < 0.6).float()
+    want = m.gates("fixed", policy=policy).policy
+    assert torch.equal(m.gates("fixed", policy=policy.int().tolist()).policy, want)
+    assert torch.equal(m.gates("fixed", policy=Plan(policy)).policy, want)  # unnamed: positional
+    assert torch.equal(m.gates("fixed", policy=Plan(policy, m.tasks)).policy, want)
+    # Named rows in another order are matched to the model's tasks by name.
+    assert torch.equal(m.gates("fixed", policy=Plan(policy[[2, 0, 1]], ["depth", "seg", "sn"])).policy, want)
+    with pytest.raises(ValueError, match="the plan is for tasks a, b, c, the model has seg, sn, depth"):
+        m.gates("fixed", policy=Plan(policy, ["a", "b", "c"]))
+    with pytest.raises(ValueError, match=r"policy must have shape \(3, 8\)"):
+        m.gates("fixed", policy=[[1] * 8] * 2)
+    with pytest.raises(ValueError, match="only 0"):
+        m.gates("fixed", policy=[[1] * 7 + [2]] * 3)
+    with pytest.raises(TypeError, match="a fixed policy must be .* got str"):
+        m.gates("fixed", policy="11111111")

@@ -20,8 +20,12 @@ from fastshare.losses import task_loss
 from fastshare.model import AdaShareNet
 from fastshare.plan import Plan
 
-F64 = (1e-10, 1e-8)  # (atol, rtol) for float64 outputs and gradients
-F32_OUT, F32_GRAD = (1e-5, 1e-5), (1e-5, 1e-4)
+F64 = (1e-10, 1e-8)  # (atol, rtol) for float64 outputs
+F32_OUT = (1e-5, 1e-5)
+# Gradients: max|got - ref| <= rtol * max|ref| per parameter (the contract's 1e-4 in float32), with a floor
+# of GRAD_FLOOR x the largest gradient of the model for a parameter whose gradient is 0 up to rounding.
+F64_GRAD, F32_GRAD = 1e-8, 1e-4
+GRAD_FLOOR = 1e-6
 
 
 def _policy(case: str, k: int, l: int, seed: int) -> torch.Tensor:
@@ -95,19 +99,31 @@ def _compare_both_modes(backbone, k, policy, dtype, out_tol, grad_tol, x_size=33
         _check(ref, tree, policy, *outs, out_tol, grad_tol, train)
 
 
-def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, grad_tol, train):
+def _assert_scale_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, floor: float, name: str) -> None:
+    """``max|got - ref| <= rtol * max(max|ref|, floor)``: the error relative to the tensor's own scale."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got, ref = got.detach().double(), ref.detach().double()
+    scale = max(float(ref.abs().max()) if ref.numel() else 0.0, floor, 1e-300)
+    err = (got - ref).abs()
+    if float(err.max()) > rtol * scale:
+        worst = int(err.argmax())
+        raise AssertionError(f"{name}: max abs err {float(err.max()):.3e} > {rtol:.1e} x scale {scale:.3e} "
+                             f"(relative {float(err.max()) / scale:.3e}); worst flat index {worst}: got "
+                             f"{got.flatten()[worst].item():.8g}, expected {ref.flatten()[worst].item():.8g}")
+
+
+def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, grad_rtol, train):
     for task in out_ref:
         assert_close_verbose(out_tree[task], out_ref[task], *out_tol, name=f"output {task}")
     assert_close_verbose(loss_tree, loss_ref, *out_tol, name="loss")
+    grad_scale = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
     n_compared = 0
     for (name, p_ref), (_, p_tree) in zip(ref.named_parameters(), tree.named_parameters()):
         if p_tree.grad is None:  # not used by any task: the reference's gradient is exactly zero
             assert p_ref.grad is None or not p_ref.grad.any(), f"{name}: unused here but has a gradient"
             continue
         n_compared += 1
-        scale = p_ref.grad.abs().max().item()
-        atol, rtol = grad_tol
-        assert_close_verbose(p_tree.grad, p_ref.grad, atol * max(scale, 1.0), rtol, name=f"grad {name}")
+        _assert_scale_close(p_tree.grad, p_ref.grad, grad_rtol, GRAD_FLOOR * grad_scale, f"grad {name}")
     assert n_compared > 0
     if not train:
         return
@@ -134,14 +150,15 @@ CASES = [(1, "random"), (2, "random"), (3, "random"), (5, "random"), (3, "identi
 
 @pytest.mark.parametrize("k, case", CASES, ids=[f"K{k}-{c}" for k, c in CASES])
 def test_resnet18_float64(k, case):
-    _compare_both_modes("resnet18", k, _policy(case, k, 8, seed=10 * k), torch.float64, F64, F64)
+    _compare_both_modes("resnet18", k, _policy(case, k, 8, seed=10 * k), torch.float64, F64, F64_GRAD)
 
 
 def test_resnet18_float64_heads_split_in_bands(monkeypatch):
     # 65x65 images give 9x9 features: the heads' rate-6 branch splits into bands (eval and train).
     calls = record_split_conv_calls(monkeypatch)
     monkeypatch.setenv("FASTSHARE_CONV_SPLIT", "always")
-    _compare_both_modes("resnet18", 3, _policy("random", 3, 8, seed=30), torch.float64, F64, F64, x_size=65)
+    _compare_both_modes("resnet18", 3, _policy("random", 3, 8, seed=30), torch.float64, F64, F64_GRAD,
+                        x_size=65)
     assert calls and set(calls) == {6}, "the fast heads must have run the split"
 
 
@@ -241,3 +258,76 @@ def test_auto_prefers_tree_for_fixed_gates_and_tree_rejects_sampled_gates():
     fixed = model(x, model.gates("fixed", policy=policy), executor="sequential")
     for t in full:
         assert_close_verbose(full[t], fixed[t], *F32_OUT, name=t)
+
+
+def test_gradient_check_is_relative_to_each_parameter():
+    """A parameter whose gradients are ~1e-3: an error of 2e-3 x its scale is beyond the contract's 1e-4,
+    though within the absolute 1e-5 this file used to allow."""
+    ref = 1e-3 * torch.randn(64, generator=torch.Generator().manual_seed(0))
+    scale = float(ref.abs().max())
+    _assert_scale_close(ref + 1e-5 * scale, ref, F32_GRAD, 0.0, "small error")
+    bad = ref + 2e-3 * scale
+    assert_close_verbose(bad, ref, 1e-5 * max(scale, 1.0), 1e-4, name="the old, absolute check")
+    with pytest.raises(AssertionError, match=r"relative 2\.0+e-03"):
+        _assert_scale_close(bad, ref, F32_GRAD, 0.0, "grad")
+
+
+def _without_running_stats(model: AdaShareNet) -> AdaShareNet:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return model
+
+
+@pytest.mark.parametrize("case", ["random", "rejoin"])
+def test_batch_norm_without_running_stats_float64(case):
+    """BatchNorm with track_running_stats=False uses batch statistics in train and eval mode: stacked
+    sibling nodes must each be normalised with their own rows' statistics."""
+    policy = _policy(case, 3, 8, seed=3)
+    ref = _without_running_stats(_model("resnet18", 3, torch.float64))
+    tree = copy.deepcopy(ref)
+    x = torch.randn(2, 3, 41, 41, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for train in (False, True):
+        outs = _run_pair(ref, tree, policy, x, train)
+        _check(ref, tree, policy, *outs, F64, F64_GRAD, train=False)  # no running statistics to compare
+
+
+def test_plain_batch_norm_is_supported_and_sync_batch_norm_refused():
+    from fastshare.model.norm import SegmentedBatchNorm2d
+
+    policy = _policy("random", 3, 8, seed=5)
+    ref = _model("resnet18", 3, torch.float64)
+
+    def plain(module):  # SegmentedBatchNorm2d -> nn.BatchNorm2d, same state
+        for name, child in module.named_children():
+            if isinstance(child, SegmentedBatchNorm2d):
+                new = nn.BatchNorm2d(child.num_features, child.eps, child.momentum).double()
+                new.load_state_dict(child.state_dict())
+                setattr(module, name, new)
+            else:
+                plain(child)
+        return module
+
+    ref = plain(ref)
+    tree = copy.deepcopy(ref)
+    x = torch.randn(2, 3, 33, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    _check(ref, tree, policy, *_run_pair(ref, tree, policy, x, True), F64, F64_GRAD, True)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)).train()
+    with pytest.raises(TypeError, match=r"tree executor needs BatchNorm2d .*backbone\.bn1 is a SyncBatchNorm"):
+        synced(x, synced.gates("fixed", policy=policy), executor="tree")
+
+
+def test_empty_batch_equals_reference():
+    policy = torch.ones(3, 8)  # every block executed: the reference's running statistics apply everywhere
+    ref = _model("resnet18", 3, torch.float64).train()
+    tree = copy.deepcopy(ref)
+    x = torch.randn(0, 3, 33, 33, dtype=torch.float64)
+    gates = ref.gates("fixed", policy=policy)
+    out_ref = ref(x, gates, executor="sequential")
+    out = tree(x, gates, executor="tree")
+    for task in out_ref:
+        assert out[task].shape == out_ref[task].shape and out[task].shape[0] == 0
+    bufs_ref = dict(ref.named_buffers())
+    for name, b in tree.named_buffers():
+        assert torch.equal(b, bufs_ref[name]), name

@@ -52,6 +52,29 @@ def resolve(name: str, gates) -> str:
     return "sequential"
 
 
+def check_batch_norms(module: torch.nn.Module, executor: str, supported: tuple[type, ...], why: str,
+                      prefix: str = "backbone") -> None:
+    """Raise ``TypeError`` naming the first BatchNorm under ``module`` that normalises with batch statistics
+    (training mode, or no running statistics) and is not an instance of one of ``supported``.
+
+    The batched and tree executors run several tasks' (or paths') rows through one BatchNorm call and
+    normalise each task's rows with that task's own statistics; a BatchNorm they do not drive that way
+    (e.g. ``torch.nn.SyncBatchNorm`` after ``wrap_model(sync_bn=True)``) would pool the statistics of all
+    tasks and silently compute something else than the sequential reference. BatchNorms on running
+    statistics (eval mode) are per-channel affine maps and are accepted whatever their class.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for name, m in module.named_modules(prefix=prefix):
+        if (isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+                and not isinstance(m, supported)):
+            allowed = " or ".join(c.__name__ for c in supported)
+            raise TypeError(
+                f"the {executor} executor needs {allowed} for every backbone BatchNorm that uses batch "
+                f"statistics, but {name} is a {type(m).__name__} ({why}). Use executor='sequential', which "
+                f"calls every BatchNorm module as it is (e.g. torch.nn.SyncBatchNorm), or eval mode")
+
+
 def run(name: str, model, x: torch.Tensor, gates) -> dict[str, torch.Tensor]:
     return _EXECUTORS[resolve(name, gates)](model, x, gates)
 

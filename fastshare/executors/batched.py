@@ -26,16 +26,28 @@ curriculum, warm-up, fixed blocks on which all tasks agree):
 
 Fixed gates follow the same path (the tree executor is the fast path for them); a fixed gate ``(p, 1-p)``
 is applied as ``p * relu(r + F) + (1 - p) * r`` like the reference.
+
+**BatchNorm.** Per-task statistics come from :class:`~fastshare.model.norm.SegmentedBatchNorm2d` reading
+:func:`~fastshare.model.norm.batch_segments`; any other BatchNorm class would normalise all ``K B`` rows
+together (and advance its running statistics once instead of ``K`` times). So every backbone BatchNorm
+that uses batch statistics (training mode, or no running statistics) must be a ``SegmentedBatchNorm2d``,
+else the executor raises ``TypeError`` naming the module, e.g. after
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (``wrap_model(sync_bn=True)``, which therefore needs
+``executor="sequential"``). BatchNorms on running statistics (eval mode) may be of any class.
+
+**Empty batch** (``B = 0``): nothing to stack; the sequential reference runs (empty outputs, and the
+``num_batches_tracked`` updates of the reference).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastshare.executors import register
+from fastshare.executors import check_batch_norms, register
+from fastshare.executors.sequential import run_sequential
 from fastshare.model.fast_heads import aspp_head_forward
 from fastshare.model.heads import ASPPHead
-from fastshare.model.norm import batch_segments
+from fastshare.model.norm import SegmentedBatchNorm2d, batch_segments
 from fastshare.ops import gated_residual, gumbel_gate
 from fastshare.policy import FIXED, SAMPLED, Gates
 
@@ -90,9 +102,18 @@ def run_batched(model, x: torch.Tensor, gates: Gates) -> dict[str, torch.Tensor]
 
     Returns:
         ``{task: (B, classes, h, w)}`` equal to the sequential reference's outputs (DESIGN.md §3).
+
+    Raises:
+        TypeError: a backbone BatchNorm that uses batch statistics is not a ``SegmentedBatchNorm2d``
+            (see the module docstring).
     """
     bb = model.backbone
+    check_batch_norms(bb, "batched", (SegmentedBatchNorm2d,),
+                      "the tasks are stacked along the batch axis and only SegmentedBatchNorm2d normalises "
+                      "each task's rows on their own")
     k, bsz, n_blocks = gates.num_tasks, x.shape[0], bb.num_blocks
+    if bsz == 0:  # nothing to stack (and empty segments have no batch statistics): the reference's result
+        return run_sequential(model, x, gates)
     prefix = gates.shared_prefix()
     with batch_segments([0, bsz], repeats=k):
         h = bb.stem(x)

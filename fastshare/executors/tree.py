@@ -15,8 +15,14 @@ For gates that are all ``"fixed"`` (or ``"forced"``, i.e. executed) the tasks' p
 **Sibling batching.** Executing nodes of the same block run the same weights on different inputs: their
 inputs are stacked along the batch axis into one call per layer and split afterwards. In eval mode
 (BatchNorm with running statistics: a per-channel affine map) the stacked rows go through every layer as
-one batch. In training each BatchNorm normalises every node's rows with that node's own batch statistics
-(the convolutions run once on all rows), which is what the reference computes per task.
+one batch. Wherever a BatchNorm uses batch statistics (training mode, or a BatchNorm without running
+statistics, ``track_running_stats=False``, in either mode) it normalises every node's rows with that
+node's own batch statistics (the convolutions run once on all rows), which is what the reference computes
+per task. The executor computes those statistics itself (``F.batch_norm`` on each node's rows), so such
+a BatchNorm must be an ``nn.BatchNorm2d`` (fastshare's ``SegmentedBatchNorm2d`` is one); another class,
+e.g. ``torch.nn.SyncBatchNorm`` after ``wrap_model(sync_bn=True)``, raises ``TypeError`` naming the module
+instead of being bypassed. An empty batch (``B = 0``) gives empty outputs; in training each BatchNorm's
+``num_batches_tracked`` advances as in the reference and its running statistics stay as they are.
 
 **BatchNorm running statistics (the equivalence contract for fixed policies).** The sequential reference
 runs block ``l`` once per task in task order, so a node shared by ``n`` tasks updates its BatchNorm ``n``
@@ -45,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastshare.executors import register
+from fastshare.executors import check_batch_norms, register
 from fastshare.model.backbone import BasicBlock, Bottleneck
 from fastshare.plan import Plan
 from fastshare.policy import FIXED, FORCED, Gates
@@ -57,8 +63,9 @@ except ImportError:
 
 __all__ = ["run_tree", "plan_for_gates"]
 
-# BatchNorm -> list of (tasks, batch mean, unbiased batch variance) collected during one forward.
-_Pending = dict[nn.BatchNorm2d, list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]]
+# BatchNorm -> list of (tasks, batch mean, unbiased batch variance) collected during one forward; mean and
+# variance are None for an empty batch (no statistics: only num_batches_tracked advances, as in nn.BatchNorm2d).
+_Pending = dict[nn.BatchNorm2d, list[tuple[tuple[int, ...], torch.Tensor | None, torch.Tensor | None]]]
 
 
 @lru_cache(maxsize=64)
@@ -86,17 +93,25 @@ def plan_for_gates(gates: Gates, task_names: tuple[str, ...] | None = None) -> P
 
 def _norm(bn: nn.BatchNorm2d, x: torch.Tensor, tasks: tuple[int, ...] | list[tuple[int, ...]],
           pending: _Pending, rows: list[int] | None = None) -> torch.Tensor:
-    """``bn(x)``; in training with running statistics, the update is deferred to :func:`_flush`.
+    """``bn(x)`` for one node's rows; in training with running statistics, the update is deferred to
+    :func:`_flush`.
 
+    With ``rows`` (stacked siblings), ``x`` holds one block of rows per node and ``tasks`` one task tuple
+    per node: where batch statistics are used (training, or no running statistics), each block is
+    normalised with its own statistics; on running statistics the stack is one affine map.
     The batch mean and unbiased variance come out of ``F.batch_norm`` itself: with fresh buffers (0, 1)
     and momentum 1, its running-statistics update writes exactly ``mean`` and ``var * N / (N - 1)``.
-    With ``rows`` (stacked siblings in training), ``x`` holds one block of rows per node and ``tasks`` one
-    task tuple per node: each block is normalised with its own statistics.
     """
-    if not (bn.training and bn.running_mean is not None):
+    if not bn.training and bn.running_mean is not None:  # running statistics: per-channel affine map
         return bn(x)
     if rows is not None:
         return torch.cat([_norm(bn, part, t, pending) for part, t in zip(x.split(rows, 0), tasks)], 0)
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        # Batch statistics, nothing to update (nn.BatchNorm2d passes no buffers then).
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    if x.numel() == 0:  # no statistics; nn.BatchNorm2d still counts the batch
+        pending.setdefault(bn, []).append((tasks, None, None))
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
     mean = torch.zeros_like(bn.running_mean)
     var = torch.ones_like(bn.running_var)
     y = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
@@ -110,7 +125,10 @@ def _flush(pending: _Pending) -> None:
     for bn, items in pending.items():
         per_task = sorted(((k, mean, var) for tasks, mean, var in items for k in tasks), key=lambda t: t[0])
         for _, mean, var in per_task:
-            bn.num_batches_tracked.add_(1)
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            if mean is None:
+                continue
             f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked.item())
             bn.running_mean.mul_(1 - f).add_(mean, alpha=f)
             bn.running_var.mul_(1 - f).add_(var, alpha=f)
@@ -166,9 +184,15 @@ def run_tree(model, x: torch.Tensor, gates: Gates) -> dict[str, torch.Tensor]:
 
     Returns ``{task: (B, classes, h, w)}``, equal to the sequential reference with the same gates (see the
     module docstring for BatchNorm running statistics).
+
+    Raises ``ValueError`` for gates that are not fixed, ``TypeError`` for a backbone BatchNorm using batch
+    statistics that is not an ``nn.BatchNorm2d`` (see the module docstring).
     """
     plan = plan_for_gates(gates, tuple(model.tasks))
     bb = model.backbone
+    check_batch_norms(bb, "tree", (nn.BatchNorm2d,),
+                      "it computes each node's batch statistics itself (nn.BatchNorm2d maths), which would "
+                      "bypass this module's own normalisation")
     pending: _Pending = {}
     everyone = tuple(range(plan.num_tasks))
     stem = bb.maxpool(bb.relu(_norm(bb.bn1, bb.conv1(x), everyone, pending)))

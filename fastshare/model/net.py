@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from fastshare.model.backbone import DeeplabResNet, deeplab_resnet
 from fastshare.model.heads import ASPPHead
+from fastshare.plan import Plan
 from fastshare.policy import Gates
 
 INIT_METHODS = ("equal", "random", "all_chosen")
@@ -101,22 +102,55 @@ class AdaShareNet(nn.Module):
     def network_parameters(self) -> list[nn.Parameter]:
         return self.backbone_parameters() + self.head_parameters()
 
+    def policy_tensor(self, policy: torch.Tensor | Plan | Sequence[Sequence[int]]) -> torch.Tensor:
+        """A fixed hard policy as a ``(K, L)`` tensor whose row ``k`` is task ``self.tasks[k]``.
+
+        Args:
+            policy: ``(K, L)`` 0/1 tensor (rows in this model's task order; returned as it is), nested
+                sequence of 0/1 (same), or a :class:`~fastshare.plan.Plan`. A plan's rows are matched to
+                this model's tasks by name (reordered if its task names are a permutation of
+                ``self.tasks``); a plan with the default names ``task0, task1, ...`` is read positionally.
+
+        Raises ``TypeError`` for another type and ``ValueError`` for a wrong shape, values other than 0/1,
+        or plan task names that are not this model's.
+        """
+        if isinstance(policy, Plan):
+            names = tuple(policy.task_names)
+            if len(names) == self.num_tasks and sorted(names) == sorted(self.tasks):
+                rows = [policy.policy[names.index(t)] for t in self.tasks]
+            elif names == tuple(f"task{k}" for k in range(policy.num_tasks)):
+                rows = list(policy.policy)  # a plan built without names: positional
+            else:
+                raise ValueError(f"the plan is for tasks {', '.join(names)}, the model has "
+                                 f"{', '.join(self.tasks)}")
+            tensor = torch.tensor(rows, dtype=torch.float32)
+        elif isinstance(policy, torch.Tensor):
+            tensor = policy
+        elif isinstance(policy, (list, tuple)):
+            tensor = Plan(policy).policy_tensor()  # validates the nesting and the 0/1 values
+        else:
+            raise TypeError(f"a fixed policy must be a (K, L) 0/1 tensor, a nested list of 0/1 or a Plan, "
+                            f"got {type(policy).__name__}")
+        if tuple(tensor.shape) != (self.num_tasks, self.num_blocks):
+            raise ValueError(f"policy must have shape ({self.num_tasks}, {self.num_blocks}), "
+                             f"got {tuple(tensor.shape)}")
+        return tensor
+
     def gates(self, mode: str = "full", *, tau: float = 5.0, hard: bool = False,
               num_train_layers: int | None = None, u: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, policy: torch.Tensor | None = None) -> Gates:
+              generator: torch.Generator | None = None,
+              policy: torch.Tensor | Plan | Sequence[Sequence[int]] | None = None) -> Gates:
         """Gates for one forward: ``"full"`` (all blocks), ``"sample"`` (Gumbel, curriculum stage
-        ``num_train_layers``) or ``"fixed"`` (``policy``: ``(K, L)`` 0/1)."""
+        ``num_train_layers``) or ``"fixed"`` (``policy``: ``(K, L)`` 0/1 tensor, nested list or
+        :class:`~fastshare.plan.Plan`, see :meth:`policy_tensor`)."""
         if mode == "full":
             return Gates.full(self.num_tasks, self.num_blocks)
         if mode == "sample":
             return Gates.sample(self.logits, tau, hard, self.num_blocks, num_train_layers, u, generator)
         if mode == "fixed":
             if policy is None:
-                raise ValueError("mode 'fixed' needs policy=(K, L) 0/1 tensor")
-            if tuple(policy.shape) != (self.num_tasks, self.num_blocks):
-                raise ValueError(f"policy must have shape ({self.num_tasks}, {self.num_blocks}), "
-                                 f"got {tuple(policy.shape)}")
-            return Gates.fixed(policy.to(self.logits.device))
+                raise ValueError("mode 'fixed' needs policy=: a (K, L) 0/1 tensor, nested list or Plan")
+            return Gates.fixed(self.policy_tensor(policy).to(self.logits.device))
         raise ValueError(f"unknown gate mode {mode!r}; choose 'full', 'sample' or 'fixed'")
 
     def forward(self, x: torch.Tensor, gates: Gates | None = None,
@@ -124,17 +158,37 @@ class AdaShareNet(nn.Module):
         """Run every task: ``(B, 3, H, W) -> {task: (B, classes, h, w)}`` at output stride 8.
 
         Args:
-            x: input images.
-            gates: from :meth:`gates`; None = every block executed.
-            executor: overrides ``self.executor`` for this call.
+            x: ``(B, 3, H, W)`` floating-point images on the model's device, in the dtype of its weights
+                (or any floating dtype under ``torch.autocast``).
+            gates: a :class:`~fastshare.policy.Gates` from :meth:`gates`; None = every block executed.
+            executor: overrides ``self.executor`` for this call (None: ``self.executor``).
+
+        Raises ``TypeError`` for an ``x`` that is not a floating-point tensor (or not in the weights'
+        dtype outside autocast), ``gates`` that are not a ``Gates``; ``ValueError`` for a wrong shape, an
+        ``x`` on another device than the model, gates of another model size or an unknown executor.
         """
         from fastshare import executors
 
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a (B, 3, H, W) image tensor, got {type(x).__name__}")
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"x must be (B, 3, H, W) images, got {tuple(x.shape)}")
+        weight = self.backbone.conv1.weight
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor (the model's weights are {weight.dtype}), got "
+                            f"{x.dtype}; convert images first, e.g. x.to({weight.dtype}) / 255")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model is on {weight.device}; move one of them "
+                             f"(x.to({str(weight.device)!r}) or model.to(x.device))")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the model's weights are {weight.dtype}; convert one of them "
+                            f"(x.to({weight.dtype}) or model.to({x.dtype})), or run under torch.autocast")
         if gates is None:
             gates = Gates.full(self.num_tasks, self.num_blocks)
+        elif not isinstance(gates, Gates):
+            raise TypeError(f"gates must be a fastshare.policy.Gates (e.g. model.gates('sample', ...)) or None, "
+                            f"got {type(gates).__name__}")
         if gates.num_tasks != self.num_tasks or gates.num_blocks != self.num_blocks:
             raise ValueError(f"gates are for {gates.num_tasks} tasks x {gates.num_blocks} blocks, the model "
                              f"has {self.num_tasks} x {self.num_blocks}")
-        return executors.run(executor or self.executor, self, x, gates)
+        return executors.run(executor if executor is not None else self.executor, self, x, gates)

@@ -16,6 +16,10 @@ BatchNorm: as with any DDP model (and AdaShare's ``nn.DataParallel``), each rank
 statistics of its own ``B / N`` samples, so N ranks at ``B / N`` equal one process at ``B`` only for
 batch-independent normalisation (BN in eval mode, or SyncBatchNorm). Pass ``sync_bn=True`` to
 :func:`wrap_model` (CUDA) for SyncBatchNorm semantics; the equivalence test uses eval-mode BN on the CPU.
+SyncBatchNorm works only with ``executor="sequential"``: the batched and tree executors stack several
+tasks' rows into one BatchNorm call and normalise each task's rows on their own, which SyncBatchNorm
+cannot do (it would pool all tasks' statistics), so :func:`wrap_model` refuses ``sync_bn=True`` for a model
+whose executor is another one (and those executors raise ``TypeError`` on a SyncBatchNorm in training).
 The losses are means over each rank's pixels, so the averaged gradient equals the single-process one when
 every rank has the same number of valid pixels per task (always, without ignore labels).
 """
@@ -84,10 +88,18 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, *, find_unused_paramete
                sync_bn: bool = False) -> torch.nn.Module:
     """``DistributedDataParallel(model)`` without the logits (see the module docstring); the model itself
     when not distributed. ``find_unused_parameters`` is needed where an executor skips blocks entirely
-    (the tree executor in re-training)."""
+    (the tree executor in re-training). ``sync_bn`` converts every BatchNorm to ``torch.nn.SyncBatchNorm``
+    and needs CUDA and a model whose ``executor`` is ``"sequential"`` (see the module docstring)."""
     if not ctx.enabled:
         return model
     if sync_bn:
+        executor = getattr(model, "executor", "sequential")
+        if executor != "sequential":
+            raise ValueError(
+                f"sync_bn=True needs executor='sequential', but the model's executor is {executor!r}: the "
+                f"batched and tree executors stack the tasks' rows into one BatchNorm call and normalise each "
+                f"task on its own, which torch.nn.SyncBatchNorm cannot do (it would pool all tasks' "
+                f"statistics). Set executor: sequential, or train without sync_bn")
         if ctx.device.type != "cuda":
             raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

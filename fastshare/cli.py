@@ -236,7 +236,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fastshare.train import Trainer, evaluate, load_checkpoint
+    from fastshare.train import CheckpointError, Trainer, evaluate, load_checkpoint
 
     cfg = _load_cfg(args.config)
     ck = load_checkpoint(args.checkpoint)
@@ -244,6 +244,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, opts)
     trainer.load(args.checkpoint)  # checks that the checkpoint is of this model, restores its state
     state = ck["trainer"]
+    if state["phase"] == "retrain" and state["retrain_iter"] == 0:
+        raise CheckpointError(args.checkpoint, f"holds architecture {state['arch']} before its re-training (the "
+                                               "initial weights, e.g. search_done.pth); evaluate best.pth or "
+                                               "latest.pth of the search, or a checkpoint written while re-training")
     if state["phase"] in ("retrain", "done") and state.get("policies"):
         arch = min(state["arch"], len(state["policies"]) - 1)
         policy = torch.tensor(state["policies"][arch], dtype=torch.float32)
@@ -254,7 +258,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         gates = trainer.net.gates("full")
     metrics = evaluate(trainer.net, trainer.data[args.split], gates, trainer.num_class, cfg.train.batch_size,
-                       trainer.device, opts.eval_batches)
+                       trainer.device, opts.eval_batches, trainer._autocast(), trainer.seg_class_weights)
     print(json.dumps(metrics, indent=1))
     return 0
 

@@ -80,12 +80,16 @@ def test_checkpoint_commands_take_the_model_options_from_the_checkpoint(tmp_path
 
     torch.set_num_threads(1)
     cfg = tiny_config(tmp_path)
-    Trainer(cfg, RunOptions(**OPTS)).run(stop_after=3)
+    Trainer(cfg, RunOptions(**OPTS)).run(stop_after=7)  # the search (6 iterations) and 1 re-training step
     ckpt = str(tmp_path / "ck" / "t" / "latest.pth")
     yml = tmp_path / "run.yml"
     yml.write_text(cfg.to_yaml())
     assert main(["eval", "--config", str(yml), "--checkpoint", ckpt, "--eval-batches", "1", "--no-progress"]) == 0
     assert '"seg"' in capsys.readouterr().out
+    # search_done.pth is the first architecture's re-training start: initial weights, nothing to evaluate.
+    done = str(tmp_path / "ck" / "t" / "search_done.pth")
+    assert main(["eval", "--config", str(yml), "--checkpoint", done, "--no-progress"]) == 2
+    assert "search_done.pth: holds architecture 0 before its re-training" in capsys.readouterr().err
 
     assert main(["eval", "--config", str(yml), "--checkpoint", ckpt, "--head-width", "16", "--no-progress"]) == 2
     err = capsys.readouterr().err

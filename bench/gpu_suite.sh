@@ -8,7 +8,7 @@
 #   2. steps, ResNet-34: policy (curriculum stage 1 and L), re-train, inference at 321x321, B=16, K=3;
 #      sequential vs batched/tree, fp32, tf32 and bf16 + channels_last, eager and graphed  <= 200 s
 #   3. op benchmarks: the issue-3 target shape [48,256,81,81], every op backend           <=  50 s
-#   4. the ResNet-34 policy steps of 2 once more with cuDNN's algorithm search on
+#   4. the ResNet-34 policy steps of 2 in fp32 and tf32 once more with cuDNN's algorithm search on
 #      (--cudnn-benchmark: a run of its own, cuDNN caches one plan per convolution)        <= 120 s
 #   5. GPU tests               (python -m pytest -m "gpu or triton" tests/: Triton compiled)  <= 110 s
 #   6. the heads' dilated 3x3 convolution split in bands vs padded (bench_pruned_conv.py)  <=  60 s
@@ -71,7 +71,7 @@ SLUG=$(python3 -c "from fastshare.bench import device_slug; print(device_slug('c
 R="$OUT/$SLUG-$DAY"
 step steps-resnet34 200 python3 -m fastshare.bench --device cuda --filter step/resnet34/ --out "$R-steps-resnet34.json"
 step bench-target 50 python3 -m fastshare.bench --device cuda --filter gr/48x256x81x81 --out "$R-target.json"
-step policy-cudnn-benchmark 120 python3 -m fastshare.bench --device cuda --cudnn-benchmark \
+step policy-cudnn-benchmark 120 python3 -m fastshare.bench --device cuda --cudnn-benchmark --precisions fp32,tf32 \
     --filter step/resnet34/policy --out "$R-policy-resnet34-cudnn-benchmark.json"
 step tests 110 env FASTSHARE_REQUIRE_BACKENDS=cpu,cuda,triton python3 -m pytest -m "gpu or triton" -q -p no:cacheprovider tests/
 step bench-pruned-conv 60 python3 -m pytest bench/bench_pruned_conv.py --benchmark-only -s -q -p no:cacheprovider \

@@ -203,6 +203,18 @@ def test_main_cudnn_benchmark_flag_holds_for_the_run_only(tmp_path, monkeypatch)
     assert json.loads(out.read_text())["config"]["cudnn_benchmark"] is True
 
 
+def test_main_precisions_option(tmp_path, monkeypatch):
+    from fastshare.bench import suite
+
+    seen = []
+    monkeypatch.setattr(suite, "run_suite", lambda cfg, *a, **k: (seen.append(cfg.step["precisions"]),
+                                                                  ({}, [], {}))[1])
+    assert bench.main(["--quick", "--device", "cpu", "--precisions", "fp32,tf32", "--out", str(tmp_path)]) == 2
+    assert seen == [["fp32", "tf32"]]  # (then no case: exit 2)
+    assert bench.main(["--quick", "--device", "cpu", "--precisions", "fp64", "--out", str(tmp_path)]) == 2
+    assert seen == [["fp32", "tf32"]]  # refused before running
+
+
 def test_main_no_match(tmp_path):
     assert bench.main(["--quick", "--device", "cpu", "--filter", "no-such-case", "--out", str(tmp_path)]) == 2
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fastshare.bench.blocks import run_block_cases
-from fastshare.bench.config import SuiteConfig, suite_config
+from fastshare.bench.config import STEP_PRECISIONS, SuiteConfig, suite_config
 from fastshare.bench.common import log
 from fastshare.bench.environment import environment
 from fastshare.bench.op_cases import run_op_cases
@@ -62,6 +62,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "bench/results/<device-slug>-<YYYY-MM-DD>.json")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
+    p.add_argument("--precisions", default=None, metavar="LIST",
+                   help="comma-separated step precisions to run (default: the machine's suite; "
+                   f"choose from {', '.join(STEP_PRECISIONS)})")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="run every case with cuDNN's algorithm search (torch.backends.cudnn.benchmark = True) "
                    "instead of its heuristics; recorded as config.cudnn_benchmark. A whole run, not a variant: "
@@ -78,6 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("fastshare bench: --device cuda but torch sees no CUDA device")
         return 2
     cfg = suite_config(device, args.quick)
+    if args.precisions is not None:
+        wanted = [p.strip() for p in args.precisions.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in STEP_PRECISIONS]
+        if unknown or not wanted:
+            log(f"fastshare bench: --precisions {args.precisions!r}: choose from {', '.join(STEP_PRECISIONS)}")
+            return 2
+        cfg.step = {**cfg.step, "precisions": wanted}
     env = environment(device)
     if args.out is None:
         path = default_results_path(device)

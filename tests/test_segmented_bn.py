@@ -83,6 +83,24 @@ def test_running_update_closed_form():
     _assert_close(rv, exp_v, 1e-12, "running_var")
 
 
+@pytest.mark.parametrize("std", [1e-2, 1e-4, 3e-5])
+def test_float32_running_var_of_low_variance_channels(std):
+    """The running variance follows nn.BatchNorm2d's even where the variance is far below eps (rebuilding it
+    from the inverse std, 1 / invstd^2 - eps, lost up to 1e-3 of it at std 3e-5)."""
+    gen = torch.Generator().manual_seed(5)
+    x = 0.3 + std * torch.randn(12, 4, 5, 5, generator=gen)
+    bn = SegmentedBatchNorm2d(4)
+    ref = nn.BatchNorm2d(4)
+    for m in (bn, ref):  # start at 0, so that the running variance is the batches' variances only
+        m.running_var.zero_()
+    with batch_segments([0, 4, 8, 12]):
+        bn(x)
+    for lo in (0, 4, 8):
+        ref(x[lo:lo + 4])
+    _assert_close(bn.running_var, ref.running_var, 1e-5, "running_var")
+    _assert_close(bn.running_mean, ref.running_mean, 1e-6, "running_mean")
+
+
 def test_float32_bitwise_equal_to_separate_batch_norms():
     x, w, b, rm, rv, seg = _inputs([0, 4, 8, 12], channels=16, hw=(7, 7), dtype=torch.float32)
     out = segmented_batch_norm(x, w, b, None, None, seg, 0.1, 1e-5, True)
@@ -129,9 +147,10 @@ def test_bfloat16_input_low_precision_parameters(params):
     x, w, b, rm, rv, seg = _inputs([0, 3, 7], channels=6, hw=(4, 5), dtype=torch.float64)
     affine = (None, None) if params == "none" else (w.bfloat16(), b.bfloat16())
     leaves = [x.bfloat16().requires_grad_()] + [t.requires_grad_() for t in affine if t is not None]
-    out, save_mean, save_invstd = torch.ops.fastshare.segmented_batch_norm(leaves[0], *affine, None, None, seg,
-                                                                           1e-5, True)
-    assert out.dtype == torch.bfloat16 and save_mean.dtype == save_invstd.dtype == torch.float32
+    out, save_mean, save_invstd, batch_var = torch.ops.fastshare.segmented_batch_norm(leaves[0], *affine, None,
+                                                                                      None, seg, 1e-5, True)
+    assert out.dtype == torch.bfloat16
+    assert save_mean.dtype == save_invstd.dtype == batch_var.dtype == torch.float32
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, leaves, grad)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
@@ -194,9 +213,9 @@ def test_opcheck(training):
     torch.library.opcheck(torch.ops.fastshare.segmented_batch_norm.default, (x, w, b, rm, rv, seg, 1e-5, training))
     torch.library.opcheck(torch.ops.fastshare.segmented_batch_norm.default, (x, None, None, None, None, seg, 1e-5,
                                                                              True))
-    save = torch.randn(3, x.shape[1]), torch.rand(3, x.shape[1]) + 1
+    batch = torch.randn(3, x.shape[1]), torch.rand(3, x.shape[1]) + 1
     torch.library.opcheck(torch.ops.fastshare.segmented_batch_norm_update_stats.default,
-                          (rm, rv, save[0], save[1], seg, 12, 0.1, 1e-5, 2))
+                          (rm, rv, batch[0], batch[1], seg, 0.1, 2))
 
 
 def test_torch_compile_fullgraph():

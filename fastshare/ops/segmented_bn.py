@@ -20,7 +20,10 @@ Running statistics: ``repeats = R`` says that each segment stands for ``R`` iden
 segments (the shared prefix of the batched executor: ``B`` rows standing for ``K`` tasks). With ``T = S R``
 momentum updates, update ``j`` (1-based) of segment ``s`` contributes ``m (1-m)^(T-j) mu_s``:
 ``rm <- (1-m)^T rm + sum_j m (1-m)^(T-j) mu_(s(j))``, the unbiased variance likewise, exactly ``T``
-sequential BatchNorm calls (computed in float64 from the kernel's batch mean and inverse std).
+sequential BatchNorm calls (combined in float64 from the kernel's batch mean and unbiased variance). The
+kernel writes that variance itself, as ``nn.BatchNorm2d``'s does (running buffers with momentum 1 receive
+exactly the batch mean and unbiased variance): rebuilding it from the saved inverse std,
+``1 / invstd^2 - eps``, cancels catastrophically for channels whose variance is near ``eps``.
 """
 
 from __future__ import annotations
@@ -64,73 +67,71 @@ def _kernel_affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 def _segmented_bn_fwd_impl(x, weight, bias, running_mean, running_var, seg, eps, use_batch_stats):
     """Launcher: one ATen batch-norm per segment into the segment's slice of ``out``.
 
-    Returns ``(out, save_mean, save_invstd)``; with batch statistics the two statistics are ``(S, C)`` in
-    float32 (float64 for float64 ``x``), with running statistics they are empty ``(0,)`` tensors.
+    Returns ``(out, save_mean, save_invstd, batch_var)``; with batch statistics the three statistics are
+    ``(S, C)`` in float32 (float64 for float64 ``x``; ``batch_var`` unbiased), with running statistics they
+    are empty ``(0,)`` tensors.
     """
     sdt = _stat_dtype(x)
     if not use_batch_stats:
         # Not the out= variant: with running statistics, torch 2.11's CUDA kernel asserts on its empty
         # save_mean buffer for channels_last inputs (seen on an H200).
         out = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
-        return out, x.new_empty((0,), dtype=sdt), x.new_empty((0,), dtype=sdt)
+        empty = x.new_empty((0,), dtype=sdt)
+        return out, empty, empty.clone(), empty.clone()
     out = torch.empty_like(x)
     bounds = _bounds(seg)
     n_seg, channels = len(bounds) - 1, x.shape[1]
     save_mean = x.new_empty((n_seg, channels), dtype=sdt)
     save_invstd = x.new_empty((n_seg, channels), dtype=sdt)
+    # Fresh running buffers updated with momentum 1 receive the batch mean and the unbiased variance.
+    batch_mean = x.new_zeros((n_seg, channels), dtype=sdt)
+    batch_var = x.new_ones((n_seg, channels), dtype=sdt)
     weight, bias = _kernel_affine(x, weight, bias)
     for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        torch.ops.aten.native_batch_norm.out(x[lo:hi], weight, bias, None, None, True, 0.0, eps,
+        torch.ops.aten.native_batch_norm.out(x[lo:hi], weight, bias, batch_mean[s], batch_var[s], True, 1.0, eps,
                                              out=out[lo:hi], save_mean=save_mean[s], save_invstd=save_invstd[s])
-    return out, save_mean, save_invstd
+    return out, save_mean, save_invstd, batch_var
 
 
 @torch.library.custom_op("fastshare::segmented_batch_norm", mutates_args=())
 def _segmented_bn_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], seg: torch.Tensor,
-                     eps: float, use_batch_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     eps: float, use_batch_stats: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _segmented_bn_fwd_impl(x, weight, bias, running_mean, running_var, seg, eps, use_batch_stats)
 
 
 @_segmented_bn_op.register_fake
 def _(x, weight, bias, running_mean, running_var, seg, eps, use_batch_stats):
     sdt = _stat_dtype(x)
-    if use_batch_stats:
-        n_seg = seg.shape[0] - 1
-        return (torch.empty_like(x), x.new_empty((n_seg, x.shape[1]), dtype=sdt),
-                x.new_empty((n_seg, x.shape[1]), dtype=sdt))
-    return torch.empty_like(x), x.new_empty((0,), dtype=sdt), x.new_empty((0,), dtype=sdt)
+    shape = (seg.shape[0] - 1, x.shape[1]) if use_batch_stats else (0,)
+    return (torch.empty_like(x), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt),
+            x.new_empty(shape, dtype=sdt))
 
 
 @torch.library.custom_op("fastshare::segmented_batch_norm_update_stats",
                          mutates_args=("running_mean", "running_var"))
-def _update_stats_op(running_mean: torch.Tensor, running_var: torch.Tensor, save_mean: torch.Tensor,
-                     save_invstd: torch.Tensor, seg: torch.Tensor, values_per_row: int, momentum: float, eps: float,
-                     repeats: int) -> None:
+def _update_stats_op(running_mean: torch.Tensor, running_var: torch.Tensor, batch_mean: torch.Tensor,
+                     batch_var: torch.Tensor, seg: torch.Tensor, momentum: float, repeats: int) -> None:
     """``S R`` sequential momentum updates of the running statistics, in closed form, in float64.
 
-    Segment ``s`` (``n_s`` values per channel) has mean ``mu_s = save_mean[s]`` and biased variance
-    ``1 / save_invstd[s]^2 - eps``; the unbiased ``v_s`` scales it by ``n_s / (n_s - 1)``. With ``T = S R``
-    updates, update ``j`` (1-based) contributes with weight ``m (1-m)^(T-j)``:
-    ``rm <- (1-m)^T rm + sum_s c_s mu_s``, ``c_s = sum over the R updates of segment s``.
+    Segment ``s`` has mean ``mu_s = batch_mean[s]`` and unbiased variance ``v_s = batch_var[s]`` (``(S, C)``
+    each). With ``T = S R`` updates, update ``j`` (1-based) contributes with weight ``m (1-m)^(T-j)``:
+    ``rm <- (1-m)^T rm + sum_s c_s mu_s``, ``rv`` likewise with ``v_s``, ``c_s`` = the sum of the weights of
+    the ``R`` updates of segment ``s``.
     """
-    bounds = _bounds(seg)
-    n_seg = len(bounds) - 1
+    n_seg = seg.shape[0] - 1
     total = n_seg * repeats
     m = momentum
     coef = [sum(m * (1 - m) ** (total - (s * repeats + r + 1)) for r in range(repeats)) for s in range(n_seg)]
-    counts = [(hi - lo) * values_per_row for lo, hi in zip(bounds[:-1], bounds[1:])]
-    c, bessel = device_constant((tuple(coef), tuple(n / max(n - 1, 1) for n in counts)), torch.float64,
-                                save_mean.device).unbind(0)
-    mean = save_mean.double()
-    var = (save_invstd.double().pow(-2) - eps).clamp_min(0) * bessel[:, None]
+    c = device_constant(tuple(coef), torch.float64, batch_mean.device)
     decay = (1 - m) ** total
-    running_mean.copy_(running_mean.double() * decay + c @ mean)
-    running_var.copy_(running_var.double() * decay + c @ var)
+    running_mean.copy_(running_mean.double() * decay + c @ batch_mean.double())
+    running_var.copy_(running_var.double() * decay + c @ batch_var.double())
 
 
 @_update_stats_op.register_fake
-def _(running_mean, running_var, save_mean, save_invstd, seg, values_per_row, momentum, eps, repeats):
+def _(running_mean, running_var, batch_mean, batch_var, seg, momentum, repeats):
     return None
 
 
@@ -184,7 +185,7 @@ def _(grad, x, weight, running_mean, running_var, save_mean, save_invstd, seg, e
 
 def _setup(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, seg, eps, use_batch_stats = inputs
-    _, save_mean, save_invstd = output
+    _, save_mean, save_invstd, _ = output
     ctx.use_batch_stats = use_batch_stats
     ctx.eps = eps
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
@@ -196,7 +197,7 @@ def _setup(ctx, inputs, output):
         ctx.save_for_backward(x, weight, running_mean, running_var, seg)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_invstd):
+def _backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var):
     if ctx.use_batch_stats:
         x, weight, save_mean, save_invstd, seg = ctx.saved_tensors
         running_mean = running_var = None
@@ -266,9 +267,9 @@ def segmented_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     if bounds is not None and any((hi - lo) * values_per_row < 2 for lo, hi in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"expected more than 1 value per channel in every segment when training, got "
                          f"segments {bounds} of {tuple(x.shape)}")
-    out, save_mean, save_invstd = _segmented_bn_op(x, weight, bias, running_mean, running_var, seg, float(eps),
-                                                   use_batch_stats)
+    out, save_mean, _, batch_var = _segmented_bn_op(x, weight, bias, running_mean, running_var, seg,
+                                                    float(eps), use_batch_stats)
     if training and running_mean is not None:
-        _update_stats_op(running_mean, running_var, save_mean.detach(), save_invstd.detach(), seg, values_per_row,
-                         float(momentum), float(eps), int(repeats))
+        _update_stats_op(running_mean, running_var, save_mean.detach(), batch_var.detach(), seg, float(momentum),
+                         int(repeats))
     return out

@@ -174,6 +174,32 @@ def test_compiled_graph_follows_a_later_backend_request(switch, monkeypatch):
     assert calls == ["reference", "cpu"]
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_compiled_gumbel_gate_has_no_graph_break_and_matches_eager(hard):
+    torch._dynamo.reset()
+    alpha = torch.randn(4, 2, requires_grad=True)
+    u = torch.rand(4, 2).clamp_(1e-6, 1 - 1e-6)
+    compiled = torch.compile(lambda a: fastshare.gumbel_gate(a, u, 0.7, hard), fullgraph=True, backend="aot_eager")
+    d = torch.randn(4, 2)
+    out_c = compiled(alpha)
+    (g_c,) = torch.autograd.grad(out_c, alpha, d)
+    out_e = fastshare.gumbel_gate(alpha, u, 0.7, hard)
+    (g_e,) = torch.autograd.grad(out_e, alpha, d)
+    assert_close_verbose(out_c, out_e, 1e-7, 1e-6, "compiled gate")
+    assert_close_verbose(g_c, g_e, 1e-7, 1e-6, "compiled dalpha")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if b in ("reference", "cpu")])  # float64 ones
+def test_gradcheck_float64_through_the_op(backend):
+    """The registered backward (explicit formulas, C++ kernel for ``cpu``) against finite differences."""
+    f, r, alpha, u, seg = (t.double() if t.is_floating_point() else t for t in _inputs(n=6, shape=(2, 3), seed=8))
+    f, r, alpha = (t.requires_grad_() for t in (f, r, alpha))
+    assert torch.autograd.gradcheck(
+        lambda f, r, a: fastshare.gated_residual(f, r, a, u, 0.9, False, seg, backend=backend), (f, r, alpha))
+    assert torch.autograd.gradcheck(
+        lambda f, r: fastshare.gated_residual(f, r, alpha, u, 0.9, True, seg, backend=backend), (f, r))
+
+
 def test_channels_last_and_strided_inputs():
     f, r, alpha, u, seg = _inputs(n=6, shape=(4, 5, 3), seed=4)
     cl_f, cl_r = f.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)

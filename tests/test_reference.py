@@ -207,6 +207,33 @@ def test_segmented_batch_norm_gradcheck():
         lambda x, w, b: R.segmented_batch_norm_ref(x, w, b, None, None, seg, 0.1, 1e-5, True), (x, w, b))
 
 
+def test_segmented_batch_norm_gradcheck_eval_running_statistics():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 2, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, generator=gen, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(2, generator=gen, dtype=torch.float64), torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: R.segmented_batch_norm_ref(x, w, b, rm, rv, _segments([2, 3]), 0.1, 1e-5, False), (x, w, b))
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_gate_gradcheck(hard):
+    """Soft: the softmax's gradient; hard: straight-through, the soft gate's gradient (so the one-hot forward
+    is checked against it through y_soft + (y_hard - y_soft).detach() by gradcheck's finite differences on
+    the soft gate only)."""
+    gen = torch.Generator().manual_seed(12)
+    alpha = torch.randn(4, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(4, 2, generator=gen, dtype=torch.float64).clamp_(1e-6, 1 - 1e-6)
+    if not hard:
+        assert torch.autograd.gradcheck(lambda a: R.gumbel_gate_ref(a, u, 0.3, False), (alpha,))
+        return
+    grad = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    (got,) = torch.autograd.grad(R.gumbel_gate_ref(alpha, u, 0.3, True), alpha, grad)
+    (want,) = torch.autograd.grad(R.gumbel_gate_ref(alpha, u, 0.3, False), alpha, grad)
+    assert torch.equal(got, want)
+
+
 class TestBadInputs:
     def _args(self):
         f, r = torch.randn(4, 3), torch.randn(4, 3)

@@ -218,13 +218,26 @@ def test_opcheck(training):
                           (rm, rv, batch[0], batch[1], seg, 0.1, 2))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_opcheck_backward(training, affine):
+    x, w, b, rm, rv, seg = _inputs([0, 2, 6, 9], dtype=torch.float32)
+    w = w if affine else None
+    _, save_mean, save_invstd, _ = torch.ops.fastshare.segmented_batch_norm(x, w, None, rm, rv, seg, 1e-5, training)
+    grad = torch.randn_like(x)
+    running = (None, None) if training else (rm, rv)
+    torch.library.opcheck(torch.ops.fastshare.segmented_batch_norm_backward.default,
+                          (grad, x, w, *running, save_mean, save_invstd, seg, 1e-5, training))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_compile_fullgraph(training):
     x, w, b, rm, rv, seg = _inputs([0, 3, 6], dtype=torch.float32)
     x.requires_grad_()
     rm2, rv2 = rm.clone(), rv.clone()
 
     def fn(x, rm, rv):
-        return segmented_batch_norm(x, w, b, rm, rv, seg, 0.1, 1e-5, True).relu()
+        return segmented_batch_norm(x, w, b, rm, rv, seg, 0.1, 1e-5, training).relu()
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out, ref = compiled(x, rm, rv), fn(x, rm2, rv2)

@@ -76,9 +76,11 @@ def _gates(model: AdaShareNet, mode: str, stage: int | None, hard: bool, u: torc
 
 def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample", stage: int | None = None,
                    hard: bool = False, train: bool = True, steps: int = 1, policy: torch.Tensor | None = None,
-                   out_rtol: float = 1e-10, grad_rtol: float = 1e-9, device: str = "cpu") -> None:
+                   out_rtol: float = 1e-10, grad_rtol: float = 1e-9, grad_floor: float = 1e-6,
+                   device: str = "cpu") -> None:
     """Run ``steps`` optimiser steps on both models (on ``device``; inputs drawn on the CPU) and compare
-    everything after each."""
+    everything after each. A parameter's gradient is compared relative to ``max(its largest entry,
+    grad_floor * the largest gradient of the model)``."""
     ref.train(train)
     fast.train(train)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
@@ -106,7 +108,7 @@ def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample",
             assert (g_ref is None) == (p_fast.grad is None), f"step {step} {name}: grad presence differs"
             if g_ref is not None:
                 # Floor: a gradient that is 0 up to rounding in the reference is compared absolutely.
-                _check(f"step {step} grad {name}", g_ref, p_fast.grad, grad_rtol, floor=1e-6 * grad_scale)
+                _check(f"step {step} grad {name}", g_ref, p_fast.grad, grad_rtol, floor=grad_floor * grad_scale)
         opt_ref.step()
         opt_fast.step()
         bufs_ref = dict(ref.named_buffers())
@@ -196,6 +198,29 @@ def test_sampled_gates_float32(stage, hard, k):
     # One step: after it the two float32 models differ by rounding, and a later max-pool near-tie or ReLU
     # flip can route a gradient differently (the float64 tests check three steps).
     _compare_steps(ref, fast, stage=stage, hard=hard, train=True, steps=1, out_rtol=1e-5, grad_rtol=1e-4)
+
+
+# The rest of the contract's grid in float32 (the float64 grid above holds all of it at 1e-10). The floor is
+# 1e-5 of the model's largest gradient: gradients that are exactly 0 in float64 (e.g. a projection's bias
+# under a skipped block) come out at ~1e-10 of it in either float32 execution.
+F32_GRID = [
+    ("resnet18", 1, 4, True, "sample"), ("resnet18", 5, 4, False, "sample"), ("resnet18", 5, 8, True, "sample"),
+    ("resnet34", 3, 1, False, "sample"), ("resnet34", 3, 8, False, "sample"), ("resnet34", 3, 16, True, "sample"),
+    ("resnet18", 3, None, False, "all_skip"), ("resnet18", 3, None, False, "all_select"),
+]
+
+
+@pytest.mark.parametrize("backbone,k,stage,hard,mode", F32_GRID,
+                         ids=["-".join(map(str, c)) for c in F32_GRID])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_float32_contract_grid(backbone, k, stage, hard, mode, train):
+    ref, fast = _pair(backbone, k, torch.float32)
+    if mode == "sample":
+        _compare_steps(ref, fast, stage=stage, hard=hard, train=train, steps=1, out_rtol=1e-5, grad_rtol=1e-4,
+                       grad_floor=1e-5)
+    else:
+        _compare_steps(ref, fast, mode="fixed", policy=_policies(k, ref.num_blocks)[mode], train=train, steps=1,
+                       out_rtol=1e-5, grad_rtol=1e-4, grad_floor=1e-5)
 
 
 def test_fixed_policy_float32():

@@ -233,22 +233,41 @@ def test_fixed_policy_float32():
 # bf16 autocast against the float32 reference.
 
 @pytest.mark.parametrize("stage", [1, 8])
-def test_bf16_autocast_close_to_float32_reference(stage):
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_bf16_autocast_close_to_float32_reference(stage, hard):
+    """Outputs, loss and logit gradients within bf16 tolerance of the float32 reference; every weight
+    gradient no further from it (norm-relative) than twice the sequential bf16 step's own distance plus
+    5e-2 (bf16 weight gradients are noisy in either execution order, so a fixed tolerance would not do)."""
     ref, fast = _pair("resnet18", 3, torch.float32)
+    seq = copy.deepcopy(ref)
     x = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
     u = torch.rand(tuple(ref.logits.shape), generator=torch.Generator().manual_seed(4)).clamp_(1e-6, 1 - 1e-6)
-    out_ref = ref(x, ref.gates("sample", tau=2.0, hard=False, num_train_layers=stage, u=u), executor="sequential")
-    _loss(out_ref, ref).backward()
+
+    def gates(m: AdaShareNet) -> Gates:
+        return m.gates("sample", tau=2.0, hard=hard, num_train_layers=stage, u=u)
+
+    out_ref = ref(x, gates(ref), executor="sequential")
+    loss_ref = _loss(out_ref, ref)
+    loss_ref.backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_fast = fast(x, fast.gates("sample", tau=2.0, hard=False, num_train_layers=stage, u=u),
-                        executor="batched")
+        out_fast = fast(x, gates(fast), executor="batched")
         loss = _loss(out_fast, fast)
+        loss_seq = _loss(seq(x, gates(seq), executor="sequential"), seq)
     loss.backward()
+    loss_seq.backward()
     for task in out_ref:
         assert out_fast[task].dtype == torch.bfloat16
         _check(f"bf16 output {task}", out_ref[task], out_fast[task].float(), 5e-2)
-    _check("bf16 logit grad", ref.logits.grad, fast.logits.grad, 1e-1)
-    assert torch.isfinite(fast.backbone.blocks[0][0].conv1.weight.grad).all()
+    _check("bf16 loss", loss_ref.detach(), loss.detach(), 2e-2)
+    _check("bf16 logit grad", ref.logits.grad, fast.logits.grad, 1e-2)
+    for (name, p_ref), p_fast, p_seq in zip(ref.named_parameters(), fast.parameters(), seq.parameters()):
+        assert (p_ref.grad is None) == (p_fast.grad is None), f"{name}: grad presence differs"
+        if p_ref.grad is None:
+            continue
+        norm = max(float(p_ref.grad.norm()), 1e-30)
+        err_fast = float((p_fast.grad - p_ref.grad).norm()) / norm
+        err_seq = float((p_seq.grad - p_ref.grad).norm()) / norm
+        assert err_fast <= 2 * err_seq + 5e-2, f"bf16 grad {name}: {err_fast:.3e} vs sequential bf16 {err_seq:.3e}"
 
 
 # ----------------------------------------------------------------------------------------------------

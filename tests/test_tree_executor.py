@@ -112,7 +112,8 @@ def _assert_scale_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, floor
                              f"{got.flatten()[worst].item():.8g}, expected {ref.flatten()[worst].item():.8g}")
 
 
-def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, grad_rtol, train):
+def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, grad_rtol, train, steps=1):
+    """Outputs, loss, every gradient and (``train``) BatchNorm state after ``steps`` training steps."""
     for task in out_ref:
         assert_close_verbose(out_tree[task], out_ref[task], *out_tol, name=f"output {task}")
     assert_close_verbose(loss_tree, loss_ref, *out_tol, name="loss")
@@ -138,7 +139,7 @@ def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, g
             l = bb.block_index.index(where)
             running = {k for k in everyone if policy[k, l] == 1}
             if running != everyone:
-                assert int(m_tree.num_batches_tracked) == len(running), name
+                assert int(m_tree.num_batches_tracked) == steps * len(running), name
                 continue
         for buf in ("running_mean", "running_var", "num_batches_tracked"):
             assert_close_verbose(getattr(m_tree, buf), getattr(m_ref, buf), *out_tol, name=f"{name}.{buf}")
@@ -160,6 +161,23 @@ def test_resnet18_float64_heads_split_in_bands(monkeypatch):
     _compare_both_modes("resnet18", 3, _policy("random", 3, 8, seed=30), torch.float64, F64, F64_GRAD,
                         x_size=65)
     assert calls and set(calls) == {6}, "the fast heads must have run the split"
+
+
+@pytest.mark.parametrize("backbone,k,case", [("resnet18", 3, "random"), ("resnet18", 5, "rejoin"),
+                                             ("resnet34", 3, "random")])
+def test_three_optimiser_steps_float64(backbone, k, case):
+    """Weights, momentum buffers and BatchNorm state evolve as under the reference over three SGD steps."""
+    policy = _policy(case, k, 8 if backbone == "resnet18" else 16, seed=7)
+    ref = _model(backbone, k, torch.float64)
+    tree = copy.deepcopy(ref)
+    optimisers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, tree)]
+    gen = torch.Generator().manual_seed(5)
+    for step in range(1, 4):
+        x = torch.randn(2, 3, 33, 33, generator=gen, dtype=torch.float64)
+        outs = _run_pair(ref, tree, policy, x, True)
+        _check(ref, tree, policy, *outs, F64, F64_GRAD, True, steps=step)
+        for opt in optimisers:
+            opt.step()
 
 
 def test_resnet34_float32():

@@ -21,7 +21,31 @@ def load() -> tuple[object | None, str | None]:
         from fastshare import _C  # noqa: F401
     except ImportError as exc:
         return None, f"the extension fastshare._C is not built or failed to import ({exc}); {REBUILD_HINT}"
+    _register_fakes()
     return _C, None
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels of the ``fastshare_C`` ops: output shapes and dtypes for tracing.
+
+    The ``fastshare::`` custom ops call these kernels inside their own implementations, so tracing never
+    reaches them there; the fakes make them traceable when called directly (torch.compile, export, opcheck)
+    once fastshare has loaded the extension (every fastshare entry point goes through :func:`load`).
+    """
+    def gated_residual_fwd(f, r, alpha, u, tau, hard, seg):
+        return torch.empty_like(f)
+
+    def gated_residual_bwd(grad, f, r, alpha, u, tau, hard, seg, deterministic):
+        return torch.empty_like(f), torch.empty_like(r), alpha.new_empty(alpha.shape)
+
+    def relu_dropout_fwd(x, seed, offset, p):
+        return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.bool)
+
+    def relu_dropout_bwd(grad, mask, p):
+        return grad.new_empty(grad.shape)
+
+    for fn in (gated_residual_fwd, gated_residual_bwd, relu_dropout_fwd, relu_dropout_bwd):
+        torch.library.register_fake(f"fastshare_C::{fn.__name__}")(fn)
 
 
 def has_kernel(op: str, device_type: str) -> bool:

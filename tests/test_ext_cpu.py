@@ -250,3 +250,20 @@ def test_bad_layouts_and_arguments_raise():
         fwd(f, r, alpha, u, tau, False, torch.tensor([0, 5, 4]))
     with pytest.raises(RuntimeError, match="tau must be a finite number > 0"):
         fwd(f, r, alpha, u, 0.0, False, seg)
+
+
+def test_opcheck_of_the_extension_ops():
+    """The fastshare_C kernels have fake implementations (registered when fastshare loads the extension), so
+    they trace when called directly."""
+    from fastshare import _ext
+
+    assert _ext.load()[0] is not None
+    d, f, r, alpha, u, _, seg = make_inputs((6, 3, 4), [0, 2, 6], torch.float32, seed=3)
+    ops = torch.ops.fastshare_C
+    torch.library.opcheck(ops.gated_residual_fwd.default, (f, r, alpha, u, 0.7, False, seg))
+    torch.library.opcheck(ops.gated_residual_bwd.default, (d, f, r, alpha, u, 0.7, True, seg, True))
+    x = torch.randn(5, 7)
+    seed = torch.tensor(11, dtype=torch.int64)
+    torch.library.opcheck(ops.relu_dropout_fwd.default, (x, seed, 3, 0.25))
+    _, mask = ops.relu_dropout_fwd(x, seed, 3, 0.25)
+    torch.library.opcheck(ops.relu_dropout_bwd.default, (torch.randn_like(x), mask, 0.25))

@@ -187,6 +187,19 @@ def test_full_gates_float64(k):
     _compare_steps(ref, fast, mode="full", train=True, steps=3)
 
 
+@pytest.mark.parametrize("skip_layer", [3, 6])
+def test_skip_layer_float64(skip_layer):
+    """AdaShare's skip_layer: the first blocks have no policy logits and always run (for every task)."""
+    torch.manual_seed(0)
+    ref = AdaShareNet("resnet18", {"t0": 3, "t1": 2, "t2": 1}, head_width=16, dropout=0.0, init_method="random",
+                      skip_layer=skip_layer).double()
+    with torch.no_grad():
+        ref.logits.normal_(0.0, 1.0)
+    assert ref.logits.shape[1] == 8 - skip_layer
+    fast = copy.deepcopy(ref)
+    _compare_steps(ref, fast, stage=2, hard=True, train=True, steps=2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # float32: the contract's tolerances.
 

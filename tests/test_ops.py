@@ -200,6 +200,27 @@ def test_gradcheck_float64_through_the_op(backend):
         lambda f, r: fastshare.gated_residual(f, r, alpha, u, 0.9, True, seg, backend=backend), (f, r))
 
 
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_saves_only_its_inputs_for_backward(backend):
+    """DESIGN §2: the backward recomputes relu(r + f); the forward saves f and r (and the small gate
+    inputs), never an activation of f's size of its own."""
+    f, r, alpha, u, seg = _inputs(seed=9)
+    f, r, alpha = (t.requires_grad_() for t in (f, r, alpha))
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fastshare.gated_residual(f, r, alpha, u, 0.8, False, seg, backend=backend)
+    big = [t for t in saved if t.numel() == f.numel()]
+    assert len(big) == 2 and all(any(t.data_ptr() == x.data_ptr() for x in (f, r)) for t in big), \
+        [tuple(t.shape) for t in saved]
+    assert all(t.numel() <= seg.numel() * 2 for t in saved if t.numel() != f.numel())
+    out.sum().backward()
+
+
 def test_channels_last_and_strided_inputs():
     f, r, alpha, u, seg = _inputs(n=6, shape=(4, 5, 3), seed=4)
     cl_f, cl_r = f.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)

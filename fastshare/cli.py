@@ -168,13 +168,12 @@ def _load_cfg(path: str):
 def _run_options(args: argparse.Namespace, checkpoint: dict[str, Any] | None = None):
     """The run's options from the flags; with a checkpoint, the options that shape the model (head width,
     dropout) are the checkpoint's unless a flag names them."""
+    from fastshare.config import ConfigError
     from fastshare.train import RunOptions
 
     saved = (checkpoint or {}).get("options", {})
     default = RunOptions()
     head_width = args.head_width if args.head_width is not None else saved.get("head_width", default.head_width)
-    from fastshare.config import ConfigError
-
     try:
         return RunOptions(head_width=head_width, dropout=saved.get("dropout", default.dropout),
                           num_samples=args.num_samples, val_fraction=args.val_fraction,
@@ -184,18 +183,24 @@ def _run_options(args: argparse.Namespace, checkpoint: dict[str, Any] | None = N
         raise ConfigError(f"command-line flags: {exc}") from exc
 
 
-def _run_trainer(args: argparse.Namespace, prepare: Callable[[Any], None], checkpoint: str | None = None) -> int:
-    """Build a :class:`~fastshare.train.Trainer` (DDP under torchrun; model options from ``checkpoint``
-    when given), ``prepare`` it, run it, print the result on the main rank."""
+def _run_trainer(args: argparse.Namespace, source: str | None = None,
+                 checkpoint: dict[str, Any] | None = None,
+                 prepare: Callable[[Any], None] | None = None) -> int:
+    """Build a :class:`~fastshare.train.Trainer` (DDP under torchrun), continue it from the checkpoint
+    file ``source`` when given (model options from it; ``checkpoint``: its contents if already read, so the
+    file is read once), ``prepare`` it, run it, print the result on the main rank."""
     from fastshare.train import Trainer, load_checkpoint
     from fastshare.train.distributed import cleanup, init_distributed
 
     cfg = _load_cfg(args.config)
-    ck = load_checkpoint(checkpoint) if checkpoint else None
+    ck = checkpoint if checkpoint is not None or source is None else load_checkpoint(source)
     ctx = init_distributed(cfg.device)
     try:
         trainer = Trainer(cfg, _run_options(args, ck), ctx)
-        prepare(trainer)
+        if source is not None:
+            trainer.load(source, ck)
+        if prepare is not None:
+            prepare(trainer)
         result = trainer.run()
         if ctx.is_main:
             print(json.dumps(result, indent=1, default=float))
@@ -208,13 +213,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fastshare.train.trainer import config_resume_path
 
     # --resume wins; else AdaShare's `train.resume: true` continues from `train.which_iter`'s checkpoint.
-    resume = args.resume or config_resume_path(_load_cfg(args.config))
-
-    def prepare(trainer: Any) -> None:
-        if resume:
-            trainer.load(resume)
-
-    return _run_trainer(args, prepare, resume)
+    return _run_trainer(args, args.resume or config_resume_path(_load_cfg(args.config)))
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
@@ -226,13 +225,12 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
                          f"use `fastshare train --resume {args.source}`, or the `search_done` checkpoint")
 
     def prepare(trainer: Any) -> None:
-        trainer.load(args.source)
         if trainer.state.phase == "done":  # re-train again from the first architecture
             trainer.state.phase, trainer.state.arch, trainer.state.retrain_iter = "retrain", 0, 0
             trainer.state.results = []
             trainer._new_retrain_model(0)
 
-    return _run_trainer(args, prepare, args.source)
+    return _run_trainer(args, args.source, ck, prepare)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -242,7 +240,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ck = load_checkpoint(args.checkpoint)
     opts = _run_options(args, ck)
     trainer = Trainer(cfg, opts)
-    trainer.load(args.checkpoint)  # checks that the checkpoint is of this model, restores its state
+    trainer.load(args.checkpoint, ck)  # checks that the checkpoint is of this model, restores its state
     state = ck["trainer"]
     if state["phase"] == "retrain" and state["retrain_iter"] == 0:
         raise CheckpointError(args.checkpoint, f"holds architecture {state['arch']} before its re-training (the "

@@ -34,7 +34,8 @@ def compact_config(model, plan: Plan) -> dict:
     if any(m.track_running_stats != track or (m.running_mean is not None) != track for m in bns):
         raise ValueError("export needs the same track_running_stats (with or without running-statistics "
                          "buffers) for every backbone BatchNorm")
-    frozen = [name for name, p in _source_parameters(model, plan) if not p.requires_grad]
+    frozen = [name for name, v in _source_state(model, plan).items()
+              if isinstance(v, torch.nn.Parameter) and not v.requires_grad]
     heads = [model.heads[t] for t in model.tasks]
     first = heads[0].branches()[0]
     dropout = first.dropout.p
@@ -76,11 +77,6 @@ def _source_state(model, plan: Plan) -> dict[str, torch.Tensor]:
     return state
 
 
-def _source_parameters(model, plan: Plan) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters among :func:`_source_state`, by CompactNet name."""
-    return [(k, v) for k, v in _source_state(model, plan).items() if isinstance(v, torch.nn.Parameter)]
-
-
 def export(model, policy: torch.Tensor | Plan | Sequence[Sequence[int]]) -> CompactNet:
     """Compact deployment model of ``model`` under a fixed hard ``policy``.
 
@@ -98,16 +94,13 @@ def export(model, policy: torch.Tensor | Plan | Sequence[Sequence[int]]) -> Comp
     Raises ``ValueError`` for a policy of another shape, values other than 0/1, or a plan whose task names
     are not the model's.
     """
-    if isinstance(policy, Plan):
-        if (policy.num_tasks, policy.num_blocks) != (model.num_tasks, model.num_blocks):
-            raise ValueError(f"policy is {policy.num_tasks} x {policy.num_blocks}, the model has "
-                             f"{model.num_tasks} tasks x {model.num_blocks} blocks")
-        policy = model.policy_tensor(policy)
-    plan = Plan(policy)
-    if (plan.num_tasks, plan.num_blocks) != (model.num_tasks, model.num_blocks):
-        raise ValueError(f"policy is {plan.num_tasks} x {plan.num_blocks}, the model has "
+    given = policy if isinstance(policy, Plan) else Plan(policy)
+    if (given.num_tasks, given.num_blocks) != (model.num_tasks, model.num_blocks):
+        raise ValueError(f"policy is {given.num_tasks} x {given.num_blocks}, the model has "
                          f"{model.num_tasks} tasks x {model.num_blocks} blocks")
-    plan = Plan(plan.policy, model.tasks)
+    # A plan's rows are matched to the model's tasks by name; a tensor's or a list's are in task order.
+    rows = model.policy_tensor(policy) if isinstance(policy, Plan) else given.policy
+    plan = Plan(rows, model.tasks)
     with torch.device("meta"):
         compact = CompactNet(compact_config(model, plan))
     state = {k: v.detach().clone() for k, v in _source_state(model, plan).items()}

@@ -159,7 +159,7 @@ def test_config_resume_continues_from_which_iter(tmp_path, monkeypatch):
     assert config_resume_path(cfg) == warmup
 
     loaded = []
-    monkeypatch.setattr(Trainer, "load", lambda self, path: loaded.append(path))
+    monkeypatch.setattr(Trainer, "load", lambda self, path, checkpoint=None: loaded.append(path))
     monkeypatch.setattr(Trainer, "run", lambda self: {"stopped": "here"})
     yml = tmp_path / "resume.yml"
     yml.write_text(cfg.to_yaml())

@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastshare.config import Config, ConfigError
+from fastshare.config import BACKBONES, Config, ConfigError
 from fastshare.data import check_tasks_provided
 from fastshare.metrics import LOWER_IS_BETTER, MultiTaskMetrics, multi_task_delta
 from fastshare.model import AdaShareNet
@@ -90,7 +90,7 @@ SELECTION_METRICS: dict[str, tuple[str, ...]] = {
     "edge": ("err",),
 }
 
-_BACKBONES = {"ResNet18": "resnet18", "ResNet34": "resnet34", "ResNet101": "resnet101"}
+_BACKBONES = {name: name.lower() for name in BACKBONES}  # config name -> fastshare.model name
 
 
 @dataclass
@@ -708,14 +708,16 @@ class Trainer:
         """Test metrics of the architecture's best (validation) weights; next architecture."""
         st = self.state
         if self.ctx.is_main:
-            if st.retrain_best > -math.inf:  # this run wrote <arch>_best.pth at its best validation
+            # The best validation's weights if this run wrote <arch>_best.pth; else (no re-training
+            # iteration, or NaN scores) the final weights.
+            final_state = None
+            if st.retrain_best > -math.inf:
                 best = ckpt_io.load_checkpoint(self.checkpoint_dir / f"{self._arch_label()}_best.pth", self.device)
                 final_state = copy.deepcopy(self.net.state_dict())
                 self.net.load_state_dict(best["model"])
-                test = self._validate(gates, "test")
+            test = self._validate(gates, "test")
+            if final_state is not None:
                 self.net.load_state_dict(final_state)
-            else:  # no validation scored (no re-training iteration, or NaN scores): the final weights
-                test = self._validate(gates, "test")
             st.results.append({"arch": st.arch, "policy": st.policies[st.arch], "val_score": st.retrain_best,
                                "test": test})
             self.log.write({"phase": self._arch_label(), "test": test, "val_score": st.retrain_best})
@@ -772,11 +774,12 @@ class Trainer:
             ckpt_io.atomic_save(self.state_dict(), path)
         return path
 
-    def load(self, path: str | os.PathLike[str]) -> None:
+    def load(self, path: str | os.PathLike[str], checkpoint: Mapping[str, Any] | None = None) -> None:
         """Continue from a checkpoint written by :meth:`save` (``--resume``); raises
         :class:`~fastshare.train.CheckpointError` when it lacks an entry a run needs or was written for
-        another model (tasks, backbone, head width, ...)."""
-        ck = ckpt_io.load_checkpoint(path, self.device)
+        another model (tasks, backbone, head width, ...). ``checkpoint``: the file's contents when the
+        caller has read them already (:func:`~fastshare.train.load_checkpoint` of ``path``); else read here."""
+        ck = checkpoint if checkpoint is not None else ckpt_io.load_checkpoint(path, self.device)
         missing = [k for k in _RUN_ENTRIES if k not in ck]
         if missing:
             raise ckpt_io.CheckpointError(path, f"not a training checkpoint: no {', '.join(map(repr, missing))} "

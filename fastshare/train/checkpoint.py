@@ -160,7 +160,8 @@ def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generat
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # CPU byte tensors, as torch requires: a checkpoint loaded with map_location="cuda" holds them there.
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
     saved = state.get("generators", {})
     for name, g in (generators or {}).items():
         if name not in saved:

@@ -50,6 +50,17 @@ def _soft_gate(alpha: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor
     return torch.softmax(z / tau, dim=-1)
 
 
+def _soft_gate_backward(dy: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """Gradient through ``y = softmax(z / tau)`` over two columns: ``dz = (dy - <y, dy>) * y / tau``,
+    evaluated as ``dz0 = y0 * y1 * (dy0 - dy1) / tau = -dz1`` (the same value: ``y0 + y1 = 1``).
+
+    The textbook form subtracts two nearly equal numbers when the gate saturates: at ``y1 = 1e-6`` in
+    float32 it loses all but a few bits of ``dz``, and Adam, which rescales each logit's gradient, turns
+    those bits into full-size steps of either sign."""
+    dz0 = y[..., 0] * y[..., 1] * (dy[..., 0] - dy[..., 1]) / tau
+    return torch.stack((dz0, -dz0), dim=-1)
+
+
 def _one_hot_argmax(y: torch.Tensor) -> torch.Tensor:
     # Ties go to column 0 (execute), as torch.argmax picks the first maximum.
     select = (y[..., 0] >= y[..., 1]).to(y.dtype)
@@ -78,14 +89,13 @@ def gumbel_gate_ref(alpha: torch.Tensor, u: torch.Tensor, tau: float, hard: bool
 
 def gumbel_gate_backward_ref(grad_y: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor, tau: float,
                              hard: bool) -> torch.Tensor:
-    """Gradient of :func:`gumbel_gate_ref` w.r.t. ``alpha``: ``dz = (dy - <y, dy>) * y / tau``.
+    """Gradient of :func:`gumbel_gate_ref` w.r.t. ``alpha``: ``dz = (dy - <y, dy>) * y / tau``
+    (in the cancellation-free form of :func:`_soft_gate_backward`).
 
     ``y`` is the soft gate in both modes (straight-through in hard mode). Shapes as ``alpha``.
     """
     y = _soft_gate(alpha, u, tau)
-    dy = grad_y.to(y.dtype)
-    dz = (dy - (dy * y).sum(-1, keepdim=True)) * y / tau
-    return dz.to(alpha.dtype)
+    return _soft_gate_backward(grad_y.to(y.dtype), y, tau).to(alpha.dtype)
 
 
 def segment_ids(seg: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -131,7 +141,8 @@ def gated_residual_backward_ref(grad: torch.Tensor, f: torch.Tensor, r: torch.Te
 
     With ``m = [r + f > 0]``, the forward gate ``g`` (one-hot in hard mode) and upstream gradient ``d``:
     ``df = g0 * m * d``; ``dr = (g0 * m + g1) * d``; ``dg0[s] = sum_s d * relu(r + f)``,
-    ``dg1[s] = sum_s d * r``; ``dalpha = (dg - <y, dg>) * y / tau`` with the soft gate ``y``.
+    ``dg1[s] = sum_s d * r``; ``dalpha = (dg - <y, dg>) * y / tau`` with the soft gate ``y``, evaluated
+    as ``dalpha0 = y0 * y1 * (dg0 - dg1) / tau = -dalpha1`` (no cancellation at saturated gates).
 
     Returns:
         ``(df, dr, dalpha)`` in the dtypes of ``f``, ``r`` and ``alpha``.
@@ -155,8 +166,7 @@ def gated_residual_backward_ref(grad: torch.Tensor, f: torch.Tensor, r: torch.Te
     dg = torch.zeros(n_seg, 2, dtype=dt, device=f.device)
     dg[:, 0].index_add_(0, ids, per_row0)
     dg[:, 1].index_add_(0, ids, per_row1)
-    y = y_soft.to(device=f.device, dtype=dt)
-    dalpha = (dg - (dg * y).sum(-1, keepdim=True)) * y / tau
+    dalpha = _soft_gate_backward(dg, y_soft.to(device=f.device, dtype=dt), tau)
     return df.to(f.dtype), dr.to(r.dtype), dalpha.to(device=alpha.device, dtype=alpha.dtype)
 
 

@@ -316,9 +316,10 @@ def _gated_residual_dalpha_kernel(
         dg0 = tl.sum(tl.load(part_ptr + (slot * S + s) * 2), axis=0).to(tl.float32)
         dg1 = tl.sum(tl.load(part_ptr + (slot * S + s) * 2 + 1), axis=0).to(tl.float32)
     y0, y1 = _segment_gate(alpha_ptr, u_ptr, s, tau, stride_as, stride_ac, stride_us, stride_uc, PRECISE)
-    dot = dg0 * y0 + dg1 * y1
-    tl.store(dalpha_ptr + s * stride_ds, ((dg0 - dot) * y0 / tau).to(dalpha_ptr.dtype.element_ty))
-    tl.store(dalpha_ptr + s * stride_ds + stride_dc, ((dg1 - dot) * y1 / tau).to(dalpha_ptr.dtype.element_ty))
+    # (dg - <y, dg>) * y / tau without its cancellation at saturated gates (y0 + y1 = 1).
+    d0 = y0 * y1 * (dg0 - dg1) / tau
+    tl.store(dalpha_ptr + s * stride_ds, d0.to(dalpha_ptr.dtype.element_ty))
+    tl.store(dalpha_ptr + s * stride_ds + stride_dc, (-d0).to(dalpha_ptr.dtype.element_ty))
 
 
 # The autotuned entry points. Neither writes its inputs; the atomic accumulator of the backward is

@@ -93,6 +93,59 @@ def test_empty_batch_forward_and_backward(backend):
     assert df.shape == dr.shape == f.shape and torch.equal(dalpha, torch.zeros_like(alpha))
 
 
+def _saturated_inputs(dtype=torch.float32):
+    """Gates with y1 (or y0) near 1e-6 and large per-segment sums dg: where ``(dg - <y, dg>) * y`` cancels."""
+    gen = torch.Generator().manual_seed(11)
+    n, shape = 6, (4, 16, 16)
+    f = torch.randn(n, *shape, generator=gen).to(dtype)
+    r = (torch.randn(n, *shape, generator=gen) + 0.5).to(dtype)
+    d = (torch.randn(n, *shape, generator=gen) * 0.2 + 1.0).to(dtype)
+    alpha = torch.tensor([[3.5, -3.5], [-3.4, 3.4], [3.3, -3.3]])
+    u = torch.full((3, 2), 0.5)
+    seg = torch.tensor([0, 2, 3, 6])
+    return f, r, d, alpha, u, seg
+
+
+def _dalpha_oracle(f, r, d, alpha, u, tau, seg):
+    """dalpha in float64 from the float64 softmax: y0 * y1 * (dg0 - dg1) / tau."""
+    f, r, d = f.double(), r.double(), d.double()
+    y = torch.softmax((alpha.double() + R.gumbel_noise(u.double())) / tau, dim=-1)
+    out = torch.empty(len(seg) - 1, 2, dtype=torch.float64)
+    for s in range(len(seg) - 1):
+        rows = slice(int(seg[s]), int(seg[s + 1]))
+        dg0 = (d[rows] * torch.relu(r[rows] + f[rows])).sum()
+        dg1 = (d[rows] * r[rows]).sum()
+        out[s, 0] = y[s, 0] * y[s, 1] * (dg0 - dg1) / tau
+        out[s, 1] = -out[s, 0]
+    return out, y
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("hard", [False, True])
+def test_dalpha_keeps_its_precision_at_saturated_gates(backend, hard):
+    """float32 dalpha within 1e-4 of a float64 oracle with y_min ~ 1e-6 and |dg| ~ 1e3: the textbook
+    ``(dg - <y, dg>) * y / tau`` loses ~3% there (the cancellation of ``dg0 - <y, dg>``)."""
+    f, r, d, alpha, u, seg = _saturated_inputs()
+    tau = 0.5
+    want, y = _dalpha_oracle(f, r, d, alpha, u, tau, seg)
+    assert y.min() < 1e-5 and y.min() > 1e-7  # the regime this test is about
+    for deterministic in (False, True):
+        _, _, dalpha = torch.ops.fastshare.gated_residual_backward(d, f, r, alpha, u, tau, hard, seg, backend,
+                                                                   deterministic)
+        assert dalpha.dtype == torch.float32
+        assert_close_verbose(dalpha.double(), want, 0.0, 1e-4, f"dalpha (deterministic={deterministic})")
+
+
+def test_gumbel_gate_gradient_keeps_its_precision_at_saturated_gates():
+    alpha = torch.tensor([[3.5, -3.5], [-3.4, 3.4]], requires_grad=True)
+    u = torch.full((2, 2), 0.5)
+    dy = torch.tensor([[1000.0, -700.0], [250.0, 900.0]])
+    (fastshare.gumbel_gate(alpha, u, 0.5, False) * dy).sum().backward()
+    y = torch.softmax((alpha.detach().double() + R.gumbel_noise(u.double())) / 0.5, dim=-1)
+    want0 = y[:, 0] * y[:, 1] * (dy[:, 0] - dy[:, 1]).double() / 0.5
+    assert_close_verbose(alpha.grad.double(), torch.stack((want0, -want0), -1), 0.0, 1e-5, "dalpha")
+
+
 def test_opcheck_gumbel_gate():
     alpha = torch.randn(4, 2, requires_grad=True)
     u = torch.rand(4, 2).clamp_(1e-6, 1 - 1e-6)

@@ -262,9 +262,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::
       dg0 += partial[2 * unit];
       dg1 += partial[2 * unit + 1];
     }
-    const double dot = gates[s].y0 * dg0 + gates[s].y1 * dg1;
-    da[2 * s] = (dg0 - dot) * gates[s].y0 / tau;
-    da[2 * s + 1] = (dg1 - dot) * gates[s].y1 / tau;
+    // y0 * y1 * (dg0 - dg1) / tau: (dg0 - <y, dg>) * y0 / tau without its cancellation (y0 + y1 = 1).
+    da[2 * s] = gates[s].y0 * gates[s].y1 * (dg0 - dg1) / tau;
+    da[2 * s + 1] = -da[2 * s];
   }
   return {df, dr, dalpha64.to(alpha.scalar_type())};
 }

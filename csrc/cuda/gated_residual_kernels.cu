@@ -249,9 +249,9 @@ __device__ __forceinline__ void block_flush(float* acc0, float* acc1, float2* ta
 __device__ void write_dalpha(const GateArgs& g, int s, double dg0, double dg1, void* dalpha) {
   double y0, y1;
   soft_gate(g, s, &y0, &y1);
-  const double dot = y0 * dg0 + y1 * dg1;
-  const double d0 = (dg0 - dot) * y0 / g.tau;
-  const double d1 = (dg1 - dot) * y1 / g.tau;
+  // (dg0 - <y, dg>) * y0 / tau without its cancellation at saturated gates (y0 + y1 = 1).
+  const double d0 = y0 * y1 * (dg0 - dg1) / g.tau;
+  const double d1 = -d0;
   if (g.alpha_is_double) {
     static_cast<double*>(dalpha)[2 * s] = d0;
     static_cast<double*>(dalpha)[2 * s + 1] = d1;

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_close_verbose
 from test_ext_cpu import CASES, check_backward, check_forward, make_inputs, require_ext
 
 pytestmark = pytest.mark.gpu
@@ -163,3 +164,18 @@ def test_bad_arguments_raise():
         fwd(f, r, alpha, u, tau, False, seg.cpu())
     with pytest.raises(RuntimeError, match="alpha must be on f's device"):
         fwd(f, r, alpha.cpu(), u, tau, False, seg)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_dalpha_keeps_its_precision_at_saturated_gates(backend, hard):
+    """The CUDA twin of test_ops' check: float32 dalpha within 1e-4 of a float64 oracle at y_min ~ 1e-6."""
+    from test_ops import _dalpha_oracle, _saturated_inputs
+
+    f, r, d, alpha, u, seg = _saturated_inputs()
+    want, _ = _dalpha_oracle(f, r, d, alpha, u, 0.5, seg)
+    cuda = [t.cuda() for t in (d, f, r, alpha, u, seg)]
+    for deterministic in (False, True):
+        _, _, dalpha = torch.ops.fastshare.gated_residual_backward(*cuda[:5], 0.5, hard, cuda[5], backend,
+                                                                   deterministic)
+        assert_close_verbose(dalpha.double().cpu(), want, 0.0, 1e-4, f"dalpha (deterministic={deterministic})")

@@ -9,9 +9,10 @@ is being captured, and when ``FASTSHARE_DATA_CHECKS=0``.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from fastshare._env import env_flag
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -19,9 +20,9 @@ _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _data_checks_allowed(t: torch.Tensor) -> bool:
     # FASTSHARE_DATA_CHECKS=0 drops the checks that read tensor values (each one a host-device sync on a
     # GPU); shape, dtype and device checks always run.
-    if os.environ.get("FASTSHARE_DATA_CHECKS", "1") == "0":
-        return False
     if torch.compiler.is_compiling():
+        return False
+    if not env_flag("FASTSHARE_DATA_CHECKS", True):
         return False
     if isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
         return False

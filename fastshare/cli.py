@@ -132,7 +132,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     opts = RunOptions(head_width=8 if args.quick else 32, dropout=0.0, num_samples=1,
                       num_train=24 if args.quick else 96, num_test=4 if args.quick else 32,
                       eval_batches=2 if args.quick else None, progress=not args.no_progress,
-                      latest_at_validation=False)
+                      latest_at_validation=False, overwrite=True)  # the demo's folder is its own scratch space
     t0 = time.perf_counter()
     trainer = Trainer(cfg, opts)
     result = trainer.run()
@@ -167,18 +167,21 @@ def _load_cfg(path: str):
 
 def _run_options(args: argparse.Namespace, checkpoint: dict[str, Any] | None = None):
     """The run's options from the flags; with a checkpoint, the options that shape the model (head width,
-    dropout) are the checkpoint's unless a flag names them."""
+    dropout) and the data splits (validation fraction) are the checkpoint's unless a flag names them."""
     from fastshare.config import ConfigError
     from fastshare.train import RunOptions
 
     saved = (checkpoint or {}).get("options", {})
     default = RunOptions()
     head_width = args.head_width if args.head_width is not None else saved.get("head_width", default.head_width)
+    val_fraction = (args.val_fraction if args.val_fraction is not None
+                    else saved.get("val_fraction", default.val_fraction))
     try:
         return RunOptions(head_width=head_width, dropout=saved.get("dropout", default.dropout),
-                          num_samples=args.num_samples, val_fraction=args.val_fraction,
+                          num_samples=args.num_samples, val_fraction=val_fraction,
                           eval_batches=args.eval_batches, tensorboard=args.tensorboard,
-                          progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+                          progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+                          overwrite=getattr(args, "overwrite", False))
     except ValueError as exc:  # a flag out of range: one line, as configuration errors
         raise ConfigError(f"command-line flags: {exc}") from exc
 
@@ -225,6 +228,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
                          f"use `fastshare train --resume {args.source}`, or the `search_done` checkpoint")
 
     def prepare(trainer: Any) -> None:
+        trainer.refuse_to_overwrite(("latest.pth", "retrain*_best.pth"),
+                                    "re-training writes these names: set another exp_name for it")
         if trainer.state.phase == "done":  # re-train again from the first architecture
             trainer.state.phase, trainer.state.arch, trainer.state.retrain_iter = "retrain", 0, 0
             trainer.state.results = []
@@ -262,9 +267,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_show(args: argparse.Namespace) -> int:
+    from fastshare.config import ConfigError
     from fastshare.policy import argmax_policy, select_probability
     from fastshare.train import load_checkpoint
 
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.suffix.lower() != ".png" or out.is_dir()):
+        raise ConfigError(f"policy show --out {args.out}: the heat map is written as PNG; give a file path "
+                          "ending in .png")
     ck = load_checkpoint(args.checkpoint)
     st = ck["trainer"]
     alpha = torch.tensor(st["best_logits"]) if st.get("best_logits") else ck["model"]["logits"]
@@ -273,7 +283,7 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
     lp = alpha.shape[1]
     num_blocks = lp + int(ck["config"].get("skip_layer", 0))
     print(format_policy(tasks, argmax_policy(alpha, num_blocks).to(torch.int64).tolist(), probs.tolist()))
-    if args.out:
+    if out is not None:
         try:
             import matplotlib
         except ImportError:
@@ -291,9 +301,8 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
         ax.set_title("P(execute) per task and block")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100)
+        fig.savefig(out, dpi=100, format="png")
         plt.close(fig)
         print(f"wrote {out}")
     return 0
@@ -317,11 +326,18 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-width", type=int, default=None,
                    help="ASPP branch width (default: the checkpoint's when one is given, else 1024, the paper's)")
     p.add_argument("--num-samples", type=int, default=1, help="architectures sampled besides the argmax one")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train held out for selection")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="fraction of train held out for selection (default: the checkpoint's when one is given, "
+                        "else 0.1)")
     p.add_argument("--eval-batches", type=int, default=None, help="cap on evaluation batches")
     p.add_argument("--checkpoint-every", type=int, default=None, help="also save 'latest' every N iterations")
     p.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars (needs tensorboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a checkpoint folder that holds an earlier run's checkpoints (else refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,11 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="search + re-train from a YAML configuration")
     _add_run_flags(p)
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    _add_overwrite_flag(p)
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("retrain", help="re-train the architectures of a finished search")
     _add_run_flags(p)
     p.add_argument("--from", dest="source", required=True, help="checkpoint written after the search")
+    _add_overwrite_flag(p)
     p.set_defaults(fn=_cmd_retrain)
 
     p = sub.add_parser("eval", help="metrics of a checkpoint")
@@ -369,9 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fastshare`` / ``python -m fastshare``; configuration and checkpoint errors are
-    reported in one line (exit status 2). The arguments after ``bench`` are passed unparsed to
-    :func:`fastshare.bench.main` (whose exit status is returned); other commands reject unknown ones."""
+    """Entry point of ``fastshare`` / ``python -m fastshare``; configuration, checkpoint and data-file errors
+    (and other ``OSError`` exceptions: a missing or unreadable file) are reported in one line (exit status
+    2). The arguments after ``bench`` are passed unparsed to :func:`fastshare.bench.main` (whose exit status
+    is returned); other commands reject unknown ones."""
     from fastshare.config import ConfigError
     from fastshare.train.checkpoint import CheckpointError
 
@@ -383,6 +402,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, OSError) as exc:
         print(f"fastshare {args.command}: error: {exc}", file=sys.stderr)
         return 2

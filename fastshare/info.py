@@ -28,8 +28,10 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "FASTSHARE_BACKEND": ("auto", "op backend: auto, reference, cpu, cuda, triton"),
     "FASTSHARE_CONV_SPLIT": ("auto", "heads' dilated convolutions in zero-padding-free bands: auto (timed per "
                                      "shape), always, never"),
-    "FASTSHARE_DATA_CHECKS": ("1", "value checks that read tensors (host-device syncs on a GPU): 1 or 0"),
-    "FASTSHARE_DETERMINISTIC": ("0", "run-to-run deterministic gate-logit reductions: 1 or 0"),
+    "FASTSHARE_DATA_CHECKS": ("1", "value checks that read tensors (host-device syncs on a GPU): 1/0, "
+                                   "true/false, yes/no, on/off"),
+    "FASTSHARE_DETERMINISTIC": ("0", "run-to-run deterministic gate-logit reductions: 1/0, true/false, "
+                                     "yes/no, on/off"),
     "TRITON_INTERPRET": ("0", "run Triton kernels on CPU tensors in the interpreter: 1 or 0"),
 }
 

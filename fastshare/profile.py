@@ -180,23 +180,39 @@ def profile_policy_step(model, x: torch.Tensor, stage: int | None, executor: str
                         warmup=warmup)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _main(argv: list[str] | None = None) -> None:
     from fastshare.model import AdaShareNet
 
-    parser = argparse.ArgumentParser(description="Profile one AdaShare policy-learning step.")
+    parser = argparse.ArgumentParser(prog="python -m fastshare.profile",
+                                     description="Profile one AdaShare policy-learning step.")
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet101"])
     parser.add_argument("--executor", default="batched", choices=["sequential", "batched"])
-    parser.add_argument("--stage", type=int, default=None, help="curriculum stage (None: all blocks)")
-    parser.add_argument("--image", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--head-width", type=int, default=1024)
+    parser.add_argument("--stage", type=_positive_int, default=None, help="curriculum stage (None: all blocks)")
+    parser.add_argument("--image", type=_positive_int, default=128)
+    parser.add_argument("--batch", type=_positive_int, default=4)
+    parser.add_argument("--head-width", type=_positive_int, default=1024)
     parser.add_argument("--timed-runs", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA device")
     torch.manual_seed(0)
-    model = AdaShareNet(args.backbone, {"seg": 40, "sn": 3, "depth": 1}, head_width=args.head_width).to(args.device)
+    model = AdaShareNet(args.backbone, {"seg": 40, "sn": 3, "depth": 1}, head_width=args.head_width).to(device)
+    if args.stage is not None and args.stage > model.num_blocks:
+        parser.error(f"--stage {args.stage}: {args.backbone} has {model.num_blocks} blocks")
     model.train()
-    x = torch.randn(args.batch, 3, args.image, args.image, device=args.device)
+    x = torch.randn(args.batch, 3, args.image, args.image, device=device)
     print(profile_policy_step(model, x, args.stage, args.executor, timed_runs=args.timed_runs).summary())
 
 

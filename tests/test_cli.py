@@ -95,6 +95,18 @@ def test_checkpoint_commands_take_the_model_options_from_the_checkpoint(tmp_path
     err = capsys.readouterr().err
     assert "latest.pth: written for another model: head_width 8 (this run: 16)" in err
 
+    # A new run, or a re-training, into the folder of a run would replace its checkpoints: refused, untouched.
+    folder = tmp_path / "ck" / "t"
+    before = {p.name: p.read_bytes() for p in folder.glob("*.pth")}
+    assert main(["train", "--config", str(yml), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: holds latest.pth, search_done.pth" in err and "--resume" in err and "--overwrite" in err
+    assert main(["retrain", "--config", str(yml), "--from", done, "--no-progress"]) == 2
+    assert "holds latest.pth of an earlier run; re-training writes these names" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.glob("*.pth")} == before
+    assert main(["retrain", "--config", str(yml), "--from", done, "--overwrite", "--no-progress"]) == 0
+    assert '"architectures"' in capsys.readouterr().out and (folder / "retrain001_best.pth").exists()
+
     other = load_config({**cfg.to_dict(), "tasks_num_class": [5, 1]})
     yml.write_text(other.to_yaml())
     assert main(["train", "--config", str(yml), "--resume", ckpt, "--no-progress"]) == 2
@@ -108,3 +120,36 @@ def test_out_of_range_flag_is_a_one_line_error(tmp_path, capsys):
     yml.write_text("train:\n  batch_size: 2\n")
     assert main(["train", "--config", str(yml), "--val-fraction", "0"]) == 2
     assert "command-line flags: RunOptions.val_fraction must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_checkpoint_commands_take_the_validation_fraction_from_the_checkpoint():
+    """The held-out split is rebuilt from the checkpoint's val_fraction (else a resumed run trains on the
+    samples its search selected on); a flag still wins."""
+    from fastshare.cli import _run_options, build_parser
+
+    ck = {"options": {"val_fraction": 0.5, "head_width": 8}}
+    args = build_parser().parse_args(["eval", "--config", "c.yml", "--checkpoint", "x.pth"])
+    assert _run_options(args, ck).val_fraction == 0.5
+    assert _run_options(args).val_fraction == 0.1  # no checkpoint: the default
+    args = build_parser().parse_args(["eval", "--config", "c.yml", "--checkpoint", "x.pth", "--val-fraction", "0.2"])
+    assert _run_options(args, ck).val_fraction == 0.2
+
+
+def test_policy_show_out_must_be_a_png_path(tmp_path, capsys):
+    from fastshare.cli import main
+
+    for out in (tmp_path / "heat", tmp_path / "heat.txt", tmp_path):
+        assert main(["policy", "show", "--checkpoint", str(tmp_path / "none.pth"), "--out", str(out)]) == 2
+        assert "the heat map is written as PNG; give a file path ending in .png" in capsys.readouterr().err
+
+
+def test_data_file_errors_are_one_line(tmp_path, capsys):
+    """A data root without its split file: the data loader's error, not a traceback."""
+    from fastshare.cli import main
+
+    yml = tmp_path / "nyu.yml"
+    yml.write_text(f"dataload:\n  dataset: NYU_v2\n  dataroot: {tmp_path / 'no-such-root'}\n"
+                   "tasks: [seg, sn]\ntasks_num_class: [40, 3]\nlambdas: [1, 1]\n")
+    assert main(["train", "--config", str(yml), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastshare train: error: ") and "no-such-root" in err and "Traceback" not in err

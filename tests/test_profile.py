@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -54,6 +55,19 @@ def test_cli_prints_summary(capsys):
     _main(["--backbone", "resnet18", "--image", "33", "--batch", "2", "--head-width", "16", "--stage", "2"])
     out = capsys.readouterr().out
     assert "FLOPs" in out and "ATen ops" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stage", "0"], "argument --stage: must be >= 1, got 0"),
+    (["--image", "0"], "argument --image: must be >= 1, got 0"),
+    (["--head-width", "0"], "argument --head-width: must be >= 1, got 0"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
+    (["--stage", "9", "--image", "33", "--head-width", "4"], "--stage 9: resnet18 has 8 blocks"),
+])
+def test_cli_rejects_bad_flags_with_a_usage_error(capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        _main(flags)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_warmup_runs_the_step_uninstrumented_first():

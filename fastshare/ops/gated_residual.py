@@ -10,11 +10,10 @@ constant and each backend's kernels stay opaque to the compiler.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fastshare import reference
+from fastshare._env import env_flag
 from fastshare._validation import check_gate_args, check_residual_args
 from fastshare.ops import backends
 from fastshare.ops._constants import device_constant
@@ -27,7 +26,7 @@ def deterministic_reductions() -> bool:
 
     True under ``torch.use_deterministic_algorithms(True)`` or ``FASTSHARE_DETERMINISTIC=1``.
     """
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTSHARE_DETERMINISTIC") == "1"
+    return torch.are_deterministic_algorithms_enabled() or env_flag("FASTSHARE_DETERMINISTIC", False)
 
 
 # ----------------------------------------------------------------------------------------------------

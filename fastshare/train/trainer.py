@@ -46,7 +46,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -110,6 +110,8 @@ class RunOptions:
         tensorboard: write TensorBoard scalars (needs ``tensorboard``).
         progress: tqdm progress bars.
         sync_bn: SyncBatchNorm under DDP (CUDA only).
+        overwrite: let a new run write into a checkpoint folder that holds an earlier run's checkpoints
+            (by default :meth:`Trainer.run` refuses, so that nothing written before is lost).
     """
 
     head_width: int = 1024
@@ -124,6 +126,7 @@ class RunOptions:
     tensorboard: bool = False
     progress: bool = True
     sync_bn: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         checks = [("head_width", self.head_width >= 1, ">= 1"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
@@ -225,7 +228,8 @@ def build_splits(cfg: Config, opts: RunOptions, seed: int) -> dict[str, torch.ut
     train = _dataset(cfg, opts, "train", seed)
     n_val = max(cfg.train.batch_size, int(round(opts.val_fraction * len(train))))
     if n_val >= len(train):
-        raise ValueError(f"val_fraction {opts.val_fraction} leaves no training data ({len(train)} samples)")
+        raise ValueError(f"the validation split (val_fraction {opts.val_fraction} of {len(train)} training "
+                         f"samples, at least train.batch_size = {cfg.train.batch_size}) leaves no training data")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 4242)).tolist()
     val_idx = sorted(perm[:n_val])
     keys = _sample_keys(train)
@@ -396,6 +400,9 @@ class Trainer:
                         for i, s in enumerate(("train", "train1", "train2"), start=11)}
         self.gumbel = torch.Generator().manual_seed(self.seed + 1)
         self.state = _State()
+        # Whether the checkpoint folder's files are this run's: after a first run() here, or load() of a
+        # checkpoint of that folder. Until then run() refuses a folder that holds checkpoints.
+        self._owns_folder = False
         self._init_model_state: dict[str, torch.Tensor] | None = None
         self._new_search_model()
 
@@ -527,6 +534,10 @@ class Trainer:
         :meth:`load`). ``stop_after``: stop (with a ``latest`` checkpoint) after this many more
         iterations, counting search and re-training iterations: a simulated interruption."""
         budget = [math.inf if stop_after is None else int(stop_after)]
+        if not self._owns_folder:
+            self.refuse_to_overwrite(("*.pth",), "a new run would replace them: continue it with "
+                                                 "`--resume <folder>/latest.pth`, or choose another exp_name")
+            self._owns_folder = True
         try:
             if self.state.phase in ("warmup", "policy"):
                 if not self.search(budget):
@@ -761,6 +772,17 @@ class Trainer:
         if self.opts.latest_at_validation:
             self.save("latest")
 
+    def refuse_to_overwrite(self, patterns: Sequence[str], what_to_do: str) -> None:
+        """Raise :class:`~fastshare.train.CheckpointError` if the checkpoint folder holds files matching the
+        glob ``patterns`` (unless ``RunOptions.overwrite``): a run must not replace an earlier run's files."""
+        if self.opts.overwrite:
+            return
+        found = sorted({p.name for pattern in patterns for p in self.checkpoint_dir.glob(pattern)})
+        if found:
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise ckpt_io.CheckpointError(self.checkpoint_dir, f"holds {shown} of an earlier run; {what_to_do} "
+                                                               "(or pass --overwrite)")
+
     def save(self, label: str) -> Path:
         """Write ``<checkpoint_dir>/<exp_name>/<label>.pth`` atomically (main rank; every rank waits)."""
         path = self._write(label)
@@ -785,6 +807,7 @@ class Trainer:
             raise ckpt_io.CheckpointError(path, f"not a training checkpoint: no {', '.join(map(repr, missing))} "
                                                 f"entr{'y' if len(missing) == 1 else 'ies'}")
         self._check_same_model(path, ck)
+        self._owns_folder = Path(path).resolve().parent == self.checkpoint_dir.resolve()
         st = _State(**{k: v for k, v in ck["trainer"].items() if k != "temperature"})
         self._init_model_state = ck["init_model"]
         self.state = st

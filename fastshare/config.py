@@ -11,8 +11,11 @@ Checks (all raise :class:`ConfigError`, a ``ValueError``, naming the key by its 
 - a value of the wrong type (``int`` is accepted where a ``float`` is expected; ``bool`` never counts as a
   number); a string such as ``1e-4`` where a number is expected gets a hint, because YAML 1.1 (PyYAML)
   reads exponent notation without a decimal point as a string;
+- a number that is not finite (YAML's ``.nan``, ``.inf``);
 - a value outside its allowed set (dataset, tasks, executor, ...), and inconsistent lengths of ``tasks``,
-  ``tasks_num_class`` and ``lambdas``.
+  ``tasks_num_class`` and ``lambdas``;
+- in a file: a key given twice in one mapping (YAML would silently keep the last), text that is not
+  UTF-8, a path that is a folder.
 
 ``seed`` is a list (AdaShare's YAMLs list one seed per experiment id); a single int is accepted and
 stored as a one-element list.
@@ -29,10 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -298,8 +302,18 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_finite(flat: Mapping[str, Any]) -> None:
+    """Every float (a float-typed key or list item: coercion let no other float through) is finite."""
+    for key, value in flat.items():
+        named = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for name, v in named:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}: must be a finite number, got {v}")
+
+
 def _check_values(cfg: Config) -> None:
     flat = _flatten(cfg.to_dict())
+    _check_finite(flat)
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             close = difflib.get_close_matches(str(flat[key]), choices, n=1)
@@ -360,6 +374,25 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is a :class:`ConfigError`
+    (PyYAML keeps the last value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override keys: not a duplicate
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # a list or mapping as key: the base class reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first given at line {first_line[key]})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
     """Read and check a configuration.
 
@@ -371,17 +404,25 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:
 
     Raises:
         ConfigError: unknown key (with a suggestion), wrong type or invalid value; the message names the
-            key (and the file, for a path).
+            key (and the file, for a path). Also a path that is a folder, a file that is not UTF-8 text or
+            not valid YAML, or that gives a key twice in one mapping (named, with its lines).
         FileNotFoundError: the file does not exist.
     """
     if isinstance(source, Mapping):
         return _load_mapping(source)
     path = Path(source)
-    with open(path, encoding="utf-8") as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML configuration file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     try:
         return _load_mapping(data)
     except ConfigError as exc:

@@ -64,6 +64,73 @@ def test_corrupt_truncated_and_foreign_files_name_the_file(tmp_path):
         load_checkpoint(foreign)
 
 
+def test_atomic_save_gives_the_umask_default_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = atomic_save({"v": 1}, tmp_path / "x.pth")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # 0o666 & ~umask, as open() gives; mkstemp's is 0o600
+    os.umask(0o002)
+    try:
+        atomic_save({"v": 2}, path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o664
+
+
+def _minimal(**changes):
+    """The smallest checkpoint load_checkpoint accepts, with entries (or trainer-state keys) changed; a
+    value of None removes the entry."""
+    ck = {"format": "fastshare-checkpoint", "version": 1, "model": {"logits": torch.zeros(2, 3, 2)},
+          "trainer": {"phase": "policy"}, "config": {"tasks": ["seg", "depth"]}}
+    ck.update(changes)
+    return {k: v for k, v in ck.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("ck", "pattern"),
+    [
+        (_minimal(config=None), r"hollow\.pth: checkpoint has no 'config' entry"),
+        (_minimal(trainer=None), r"hollow\.pth: checkpoint has no 'trainer' entry"),
+        (_minimal(model={}), r"hollow\.pth: checkpoint entry 'model' has no 'logits'"),
+        (_minimal(trainer={}), r"hollow\.pth: checkpoint entry 'trainer' has no 'phase'"),
+        (_minimal(config={"exp_name": "t"}), r"hollow\.pth: checkpoint entry 'config' has no 'tasks'"),
+        (_minimal(config=[1, 2]), r"hollow\.pth: checkpoint entry 'config' is a list, not a dict"),
+        (_minimal(trainer={"phase": "search"}), r"hollow\.pth: trainer phase 'search' is not one of warmup, policy"),
+        (_minimal(trainer={"phase": "done", "policies": [[1, 0]], "arch": 0}),
+         r"hollow\.pth: checkpoint entry 'trainer' \(phase 'done'\) has no 'retrain_iter'"),
+        (_minimal(trainer={"phase": "retrain", "policies": None, "arch": 0, "retrain_iter": 0}),
+         r"hollow\.pth: .*has no architecture in 'policies' \(got None\)"),
+    ],
+)
+def test_load_names_missing_required_entries(tmp_path, ck, pattern):
+    path = atomic_save(ck, tmp_path / "hollow.pth")
+    with pytest.raises(CheckpointError, match=pattern):
+        load_checkpoint(path)
+
+
+def test_minimal_checkpoint_loads(tmp_path):
+    retrain = {"phase": "retrain", "policies": [[1, 0, 1]], "arch": 0, "retrain_iter": 3}
+    for ck in (_minimal(), _minimal(trainer=retrain)):
+        assert load_checkpoint(atomic_save(ck, tmp_path / "ok.pth"))["trainer"] == ck["trainer"]
+
+
+def test_cli_reports_hollow_checkpoint_in_one_line(tmp_path, capsys):
+    """`policy show` and `retrain --from` on a checkpoint without config/trainer state: an error naming the
+    missing entry and the file, no KeyError traceback."""
+    from fastshare.cli import main
+
+    hollow = atomic_save({"format": "fastshare-checkpoint", "version": 1, "model": {}, "trainer": {}},
+                         tmp_path / "hollow.pth")
+    assert main(["policy", "show", "--checkpoint", str(hollow)]) == 2
+    assert "hollow.pth: checkpoint entry 'model' has no 'logits'" in capsys.readouterr().err
+    yml = tmp_path / "cfg.yml"
+    yml.write_text(tiny_config(tmp_path).to_yaml())
+    assert main(["retrain", "--config", str(yml), "--from", str(hollow)]) == 2
+    assert "hollow.pth: checkpoint entry 'model' has no 'logits'" in capsys.readouterr().err
+
+
 def _params(trainer):
     return {k: v.clone() for k, v in trainer.net.state_dict().items()}
 

@@ -154,3 +154,43 @@ def test_seed_int_becomes_list_and_ints_widen_to_float():
     cfg = load_config({"seed": 7, "train": {"lr": 1}})
     assert cfg.seed == [7]
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("train:\n  init_temp: .nan\n", "train.init_temp"),
+        ("lambdas: [.nan, 1, 1]\n", r"lambdas\[0\]"),
+        ("train:\n  lr: .nan\n", "train.lr"),
+        ("train:\n  reg_w: .nan\n", "train.reg_w"),
+        ("train:\n  policy_lr: .inf\n", "train.policy_lr"),
+        ("lambdas: [1, -.inf, 1]\n", r"lambdas\[1\]"),
+        ("init_neg_logits: .nan\n", "init_neg_logits"),
+    ],
+)
+def test_non_finite_number_is_an_error_naming_the_key(tmp_path: Path, text, named):
+    p = tmp_path / "nan.yml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=rf"nan\.yml: {named}: must be a finite number"):
+        load_config(p)
+
+
+def test_duplicate_key_is_an_error_naming_key_and_line(tmp_path: Path):
+    p = tmp_path / "dup.yml"
+    p.write_text("train:\n  batch_size: 2\n  lr: 0.1\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"dup\.yml: duplicate key 'batch_size' at line 4 \(first given at line 2\)"):
+        load_config(p)
+    p.write_text("train: {lr: 0.1}\nlambdas: [1, 1, 1]\ntrain: {lr: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' at line 3"):
+        load_config(p)
+
+
+def test_unreadable_config_file_is_a_config_error(tmp_path: Path):
+    p = tmp_path / "latin1.yml"
+    p.write_bytes("exp_name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yml: not UTF-8 text"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=rf"{tmp_path.name}: is a folder"):
+        load_config(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yml")

@@ -360,6 +360,9 @@ def test_taskonomy_decoding(tmp_path: Path):
     torch.testing.assert_close(s["normal"][:, valid], raw_n[:, valid] / raw_n[:, valid].norm(dim=0))
     kp = np.clip(up(a["keypoint"]) / 2**16, 0, 0.005) / 0.005 * 2 - 1
     torch.testing.assert_close(s["keypoint"][0].double(), torch.from_numpy(kp), rtol=1e-5, atol=1e-5)
+    edge = np.clip(up(a["edge"]) / 2**16, 0, 0.08) / 0.08 * 2 - 1
+    assert 0 < (edge == 1).mean() < 1  # the data reach the clip: a wrong clip bound changes the values
+    torch.testing.assert_close(s["edge"][0].double(), torch.from_numpy(edge), rtol=1e-5, atol=1e-5)
     assert Taskonomy(tmp_path, "test_small", unlabelled_as_ignore=False)[0]["seg"].max() < 17
     t = Taskonomy(tmp_path, "train", 224, 224, generator=torch.Generator().manual_seed(0))[0]
     assert t["img"].shape == (3, 224, 224) and t["seg"].shape == (224, 224)
@@ -374,4 +377,93 @@ def test_taskonomy_garbage_png_names_the_file(tmp_path: Path):
         Taskonomy(tmp_path, "test_small")[0]
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "seg.png")
     with pytest.raises(DataFileError, match=r"seg\.png.*single-channel"):
+        Taskonomy(tmp_path, "test_small")[0]
+
+
+# ------------------------------------------------------------------- corrupt values, empty splits
+
+
+def test_empty_split_is_an_error_naming_split_and_file(tmp_path: Path):
+    _write_nyu(tmp_path / "nyu")
+    index = tmp_path / "nyu" / "nyu_v2_3task.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "test": []}))
+    with pytest.raises(DataFileError, match=r"nyu_v2_3task\.json: split 'test' has no samples"):
+        NYUv2(tmp_path / "nyu", "test")
+    with pytest.raises(ValueError, match="split 'test' of the given splits has no samples"):
+        NYUv2(tmp_path / "nyu", "test", splits={"test": []})
+    _write_cityscapes(tmp_path)
+    (tmp_path / "cityscape.json").write_text(json.dumps({"test": []}))
+    with pytest.raises(DataFileError, match=r"cityscape\.json: split 'test' has no samples"):
+        CityScapes(tmp_path, "test")
+    _write_taskonomy(tmp_path)
+    (tmp_path / "taskonomy.json").write_text(json.dumps({"test_small": []}))
+    with pytest.raises(DataFileError, match=r"taskonomy\.json: split 'test_small' has no samples"):
+        Taskonomy(tmp_path, "test_small")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "pattern"),
+    [
+        ("seg/0.png", np.full((12, 16), 100, np.uint8), r"seg/0\.png: labels must be 0\.\.39 or 255 .*found 100"),
+        ("normal_mask/0.png", np.full((12, 16), 128, np.uint8), r"normal_mask/0\.png: expected a 3-channel"),
+        ("depth/0.npy", np.ones((12, 16), bool), r"depth/0\.npy: expected floating-point values, got dtype bool"),
+        ("depth/0.npy", np.ones((12, 16), np.complex64), r"depth/0\.npy: .*got dtype complex64"),
+        ("depth/0.npy", np.full((12, 16), "a"), r"depth/0\.npy: .*got dtype <U1"),
+        ("depth/0.npy", np.where(np.eye(12, 16) > 0, np.nan, 1.0), r"depth/0\.npy: 12 value\(s\) are NaN"),
+        ("depth/0.npy", np.full((12, 16), np.inf, np.float32), r"depth/0\.npy: 192 value\(s\) are NaN or infinite"),
+        ("depth/0.npy", np.full((12, 16), -1.5, np.float32), r"depth/0\.npy: depth must be >= 0 .*found -1\.5"),
+    ],
+)
+def test_nyu_corrupt_values_name_the_file(tmp_path: Path, name: str, content: np.ndarray, pattern: str):
+    _write_nyu(tmp_path)
+    if name.endswith(".png"):
+        Image.fromarray(content).save(tmp_path / name)
+    else:
+        np.save(tmp_path / name, content)
+    with pytest.raises(DataFileError, match=pattern):
+        NYUv2(tmp_path, "test")[0]
+
+
+def test_nyu_depth_with_channel_axis_and_zeros_is_valid(tmp_path: Path):
+    _write_nyu(tmp_path)
+    depth = np.load(tmp_path / "depth/0.npy")
+    depth[0] = 0.0  # invalid pixels
+    np.save(tmp_path / "depth/0.npy", depth[:, :, None].astype(np.float64))
+    assert torch.equal(NYUv2(tmp_path, "test")[0]["depth"][0], torch.from_numpy(depth))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "pattern"),
+    [
+        ("img.npy", np.ones((8, 16, 3), np.complex64), r"img\.npy: expected floating-point values, got dtype complex"),
+        ("img.npy", np.full((8, 16, 3), np.nan, np.float32), r"img\.npy: 384 value\(s\) are NaN"),
+        ("depth.npy", np.full((8, 16, 1), np.nan, np.float32), r"depth\.npy: 128 value\(s\) are NaN"),
+        ("depth.npy", np.full((8, 16), -0.5, np.float32), r"depth\.npy: depth must be >= 0"),
+        ("depth.npy", np.ones((8, 16), bool), r"depth\.npy: .*got dtype bool"),
+        ("label19.npy", np.ones((8, 16), bool), r"label19\.npy: expected integer or floating-point .*dtype bool"),
+        ("label19.npy", np.full((8, 16), "1"), r"label19\.npy: .*got dtype <U1"),
+    ],
+)
+def test_cityscapes_corrupt_values_name_the_file(tmp_path: Path, name: str, content: np.ndarray, pattern: str):
+    _write_cityscapes(tmp_path)
+    np.save(tmp_path / name, content)
+    with pytest.raises(DataFileError, match=pattern):
+        CityScapes(tmp_path, "test")[0]
+
+
+def test_taskonomy_corrupt_prior_and_normal_name_the_file(tmp_path: Path):
+    _write_taskonomy(tmp_path)
+    prior = tmp_path / "semseg_prior_factor.npy"
+    np.save(prior, np.ones(16))
+    with pytest.raises(DataFileError, match=r"semseg_prior_factor\.npy: expected 17 class weights, got 16"):
+        Taskonomy(tmp_path, "test_small")
+    np.save(prior, np.where(np.arange(17) == 3, np.nan, 1.0))
+    with pytest.raises(DataFileError, match=r"semseg_prior_factor\.npy: 1 value\(s\) are NaN"):
+        Taskonomy(tmp_path, "test_small")
+    np.save(prior, np.full(17, -1.0))
+    with pytest.raises(DataFileError, match=r"semseg_prior_factor\.npy: class weights must be >= 0"):
+        Taskonomy(tmp_path, "test_small")
+    np.save(prior, np.ones(17))
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(tmp_path / "normal.png")
+    with pytest.raises(DataFileError, match=r"normal\.png: expected a 3-channel"):
         Taskonomy(tmp_path, "test_small")[0]

@@ -7,6 +7,9 @@ Layout: ``root/cityscape.json`` maps each split (``train``, ``train1``, ``train2
 - ``depth``: ``(H, W, 1)`` or ``(H, W)`` float, 0 = invalid;
 - ``labelN``: ``(H, W)`` integer labels of the N-class (2, 7 or 19) segmentation, -1 = ignore.
 
+A file that breaks this (values that are not finite real numbers, negative depth, a label out of range,
+...) is a :class:`~fastshare.data.io.DataFileError` naming it.
+
 A sample is a dict of tensors: ``img`` float32 ``(3, H, W)`` (BGR, 0..255 scale minus the mean),
 ``seg`` int64 ``(H, W)``, ``depth`` float32 ``(1, H, W)``.
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from fastshare.data.base import SplitFileDataset
-from fastshare.data.io import DataFileError, PathLike, read_npy, read_split_file
+from fastshare.data.io import DataFileError, PathLike, check_numeric, read_depth_npy, read_npy, read_split_file
 from fastshare.data.transforms import IGNORE_INDEX, random_scale_flip_crop, subtract_mean
 
 SPLIT_FILE = "cityscape.json"
@@ -64,7 +67,7 @@ class CityScapes(SplitFileDataset):
             raise ValueError(f"CityScapes supports 2, 7 or 19 classes, got {num_class}")
         self.num_class = num_class
         super().__init__(root, split, read_split_file(Path(root), SPLIT_FILE, split),
-                         ("img", "depth", "label2", "label7", "label19"), crop_h, crop_w,
+                         ("img", "depth", "label2", "label7", "label19"), Path(root) / SPLIT_FILE, crop_h, crop_w,
                          (128, 256) if small_res else (256, 512), augment, generator)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -74,14 +77,11 @@ class CityScapes(SplitFileDataset):
         img_arr = read_npy(img_p, ndim=(3,))
         if img_arr.shape[2] != 3:
             raise DataFileError(img_p, f"expected an (H, W, 3) image, got shape {img_arr.shape}")
+        check_numeric(img_p, img_arr, floating=True)
         img = torch.from_numpy(np.ascontiguousarray(img_arr[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32) * 255.0)
-        depth_arr = read_npy(depth_p, ndim=(2, 3))
-        if depth_arr.ndim == 3:
-            if depth_arr.shape[2] != 1:
-                raise DataFileError(depth_p, f"expected (H, W) or (H, W, 1) depth, got shape {depth_arr.shape}")
-            depth_arr = depth_arr[:, :, 0]
-        depth = torch.from_numpy(depth_arr.astype(np.float32)).unsqueeze(0)
+        depth = torch.from_numpy(read_depth_npy(depth_p)).unsqueeze(0)
         label = read_npy(label_p, ndim=(2,))
+        check_numeric(label_p, label)
         if not np.issubdtype(label.dtype, np.integer) and not np.all(np.mod(label, 1) == 0):
             raise DataFileError(label_p, f"labels must be whole numbers, got dtype {label.dtype} with fractions")
         label = label.astype(np.int64)

@@ -37,11 +37,17 @@ def _open_image(path: Path) -> Image.Image:
     return img
 
 
-def read_color_image(path: PathLike) -> np.ndarray:
-    """Read an 8-bit colour image as ``(H, W, 3)`` uint8 in **RGB** order (Pillow's order)."""
+def read_color_image(path: PathLike, *, three_channel: bool = False) -> np.ndarray:
+    """Read an 8-bit colour image as ``(H, W, 3)`` uint8 in **RGB** order (Pillow's order).
+
+    A grey or palette image is converted to RGB, unless ``three_channel`` (maps whose channels are data,
+    such as surface normals: a grey map holds no vectors): then only an RGB(A) file is accepted.
+    """
     img = _open_image(Path(path))
-    if img.mode not in ("RGB", "RGBA", "L", "P"):
-        raise DataFileError(path, f"expected an 8-bit colour image, got Pillow mode {img.mode!r}")
+    modes = ("RGB", "RGBA") if three_channel else ("RGB", "RGBA", "L", "P")
+    if img.mode not in modes:
+        kind = "a 3-channel 8-bit RGB image" if three_channel else "an 8-bit colour image"
+        raise DataFileError(path, f"expected {kind}, got Pillow mode {img.mode!r}")
     return np.asarray(img.convert("RGB"))
 
 
@@ -72,6 +78,34 @@ def read_npy(path: PathLike, *, ndim: tuple[int, ...] | None = None) -> np.ndarr
         dims = " or ".join(map(str, ndim))
         raise DataFileError(path, f"expected an array with {dims} dimensions, got shape {arr.shape}")
     return arr
+
+
+def check_numeric(path: PathLike, arr: np.ndarray, *, floating: bool = False) -> None:
+    """Require finite numbers: integers or floating point (only floating point with ``floating``); a
+    bool, complex or text array, or a NaN or infinite value, is a :class:`DataFileError` naming ``path``."""
+    kinds, expected = ("f", "floating-point") if floating else ("iuf", "integer or floating-point")
+    if arr.dtype.kind not in kinds:
+        raise DataFileError(path, f"expected {expected} values, got dtype {arr.dtype}")
+    non_finite = arr.size - int(np.isfinite(arr).sum())
+    if non_finite:
+        raise DataFileError(path, f"{non_finite} value(s) are NaN or infinite")
+
+
+def read_depth_npy(path: PathLike) -> np.ndarray:
+    """Load a depth map ``.npy``, ``(H, W)`` or ``(H, W, 1)``, as float32 ``(H, W)``.
+
+    The values must be floating point, finite and >= 0 (0 marks an invalid pixel); anything else is a
+    :class:`DataFileError` naming the file.
+    """
+    depth = read_npy(path, ndim=(2, 3))
+    if depth.ndim == 3:
+        if depth.shape[2] != 1:
+            raise DataFileError(path, f"expected (H, W) or (H, W, 1) depth, got shape {depth.shape}")
+        depth = depth[:, :, 0]
+    check_numeric(path, depth, floating=True)
+    if (depth < 0).any():
+        raise DataFileError(path, f"depth must be >= 0 (0 = invalid), found {float(depth.min())}")
+    return depth.astype(np.float32)
 
 
 def read_split_file(root: PathLike, name: str, split: str) -> list[list[str]]:

@@ -8,6 +8,9 @@ Layout: ``root/nyu_v2_3task.json`` maps each split (``train``, ``train1``, ``tra
 - ``normal``: 8-bit RGB PNG; a pixel with any channel at 255 is invalid;
 - ``depth``: ``(H, W)`` float32 ``.npy`` in metres.
 
+A file that breaks this (a label outside 0..39 and not 255, a grey normal map, depth that is not
+floating point, not finite or negative, ...) is a :class:`~fastshare.data.io.DataFileError` naming it.
+
 A sample is a dict of tensors:
 
 - ``img``: float32 ``(3, H, W)``, BGR, 0..255 scale minus :data:`~fastshare.data.transforms.IMG_MEAN_BGR`;
@@ -32,7 +35,14 @@ import numpy as np
 import torch
 
 from fastshare.data.base import SplitFileDataset
-from fastshare.data.io import DataFileError, PathLike, read_color_image, read_label_image, read_npy, read_split_file
+from fastshare.data.io import (
+    DataFileError,
+    PathLike,
+    read_color_image,
+    read_depth_npy,
+    read_label_image,
+    read_split_file,
+)
 from fastshare.data.transforms import (
     IGNORE_INDEX,
     random_scale_flip_crop,
@@ -100,25 +110,25 @@ class NYUv2(SplitFileDataset):
         generator: torch.Generator | None = None,
     ) -> None:
         if splits is None:
-            groups = read_split_file(Path(root), SPLIT_FILE, split)
+            split_file, groups = Path(root) / SPLIT_FILE, read_split_file(Path(root), SPLIT_FILE, split)
         elif split in splits:
-            groups = splits[split]
+            split_file, groups = None, splits[split]
         else:
             raise KeyError(f"split {split!r} not in the given splits; available: {sorted(splits)}")
-        super().__init__(root, split, groups, ("img", "seg", "normal", "depth"), crop_h, crop_w, None, augment,
-                         generator)
+        super().__init__(root, split, groups, ("img", "seg", "normal", "depth"), split_file, crop_h, crop_w, None,
+                         augment, generator)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         img_p, seg_p, normal_p, depth_p = (self.root / p for p in self.groups[index])
         img = rgb_to_bgr_tensor(read_color_image(img_p))
-        seg = torch.from_numpy(read_label_image(seg_p).astype(np.int64)).unsqueeze(0)
-        normal = rgb_to_bgr_tensor(read_color_image(normal_p))
-        depth_arr = read_npy(depth_p, ndim=(2, 3))
-        if depth_arr.ndim == 3:
-            if depth_arr.shape[2] != 1:
-                raise DataFileError(depth_p, f"expected (H, W) or (H, W, 1) depth, got shape {depth_arr.shape}")
-            depth_arr = depth_arr[:, :, 0]
-        depth = torch.from_numpy(depth_arr.astype(np.float32)).unsqueeze(0)
+        seg_arr = read_label_image(seg_p).astype(np.int64)
+        bad = (seg_arr != IGNORE_INDEX) & ((seg_arr < 0) | (seg_arr >= self.NUM_SEG_CLASSES))
+        if bad.any():
+            raise DataFileError(seg_p, f"labels must be 0..{self.NUM_SEG_CLASSES - 1} or {IGNORE_INDEX} (ignore); "
+                                       f"found {int(seg_arr[bad][0])}")
+        seg = torch.from_numpy(seg_arr).unsqueeze(0)
+        normal = rgb_to_bgr_tensor(read_color_image(normal_p, three_channel=True))
+        depth = torch.from_numpy(read_depth_npy(depth_p)).unsqueeze(0)
         h, w = img.shape[-2:]
         for path, t in ((seg_p, seg), (normal_p, normal), (depth_p, depth)):
             if tuple(t.shape[-2:]) != (h, w):

@@ -2,7 +2,7 @@
 
 Layout: ``root/taskonomy.json`` maps each split (``train``, ``train1``, ``train2``, ``test``,
 ``test_small``) to a list of ``[img, seg, normal, depth, keypoint, edge]`` PNG paths relative to ``root``;
-``root/semseg_prior_factor.npy`` holds the 17 class weights of AdaShare's segmentation loss.
+``root/semseg_prior_factor.npy`` holds the 17 class weights (finite, >= 0) of AdaShare's segmentation loss.
 
 Every map is first resized to 256x256 (nearest neighbour, as AdaShare does for the image too), then
 decoded as AdaShare decodes it:
@@ -28,7 +28,15 @@ import numpy as np
 import torch
 
 from fastshare.data.base import SplitFileDataset
-from fastshare.data.io import DataFileError, PathLike, read_color_image, read_label_image, read_npy, read_split_file
+from fastshare.data.io import (
+    DataFileError,
+    PathLike,
+    check_numeric,
+    read_color_image,
+    read_label_image,
+    read_npy,
+    read_split_file,
+)
 from fastshare.data.transforms import (
     IGNORE_INDEX,
     random_scale_flip_crop,
@@ -48,6 +56,17 @@ _EDGE_MAX = 0.08
 
 def _rescale_unit(x: np.ndarray, high: float) -> np.ndarray:
     return (np.clip(x, 0.0, high) / high * 2.0 - 1.0).astype(np.float32)
+
+
+def _read_class_weights(path: Path) -> torch.Tensor:
+    """The segmentation class weights of ``semseg_prior_factor.npy``: 17 finite numbers >= 0."""
+    weights = read_npy(path, ndim=(1,))
+    if weights.shape != (Taskonomy.NUM_SEG_CLASSES,):
+        raise DataFileError(path, f"expected {Taskonomy.NUM_SEG_CLASSES} class weights, got {weights.shape[0]}")
+    check_numeric(path, weights)
+    if (weights < 0).any():
+        raise DataFileError(path, f"class weights must be >= 0, found {float(weights.min())}")
+    return torch.from_numpy(weights.astype(np.float32))
 
 
 class Taskonomy(SplitFileDataset):
@@ -81,13 +100,11 @@ class Taskonomy(SplitFileDataset):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(root, split, read_split_file(Path(root), SPLIT_FILE, split),
-                         ("img", "seg", "normal", "depth", "keypoint", "edge"), crop_h, crop_w, BASE_SIZE, augment,
-                         generator)
+                         ("img", "seg", "normal", "depth", "keypoint", "edge"), Path(root) / SPLIT_FILE, crop_h, crop_w,
+                         BASE_SIZE, augment, generator)
         self.unlabelled_as_ignore = unlabelled_as_ignore
         prior = self.root / PRIOR_FILE
-        self.class_weights = (
-            torch.from_numpy(read_npy(prior, ndim=(1,)).astype(np.float32)) if prior.is_file() else None
-        )
+        self.class_weights = _read_class_weights(prior) if prior.is_file() else None
 
     def _map(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
@@ -116,7 +133,7 @@ class Taskonomy(SplitFileDataset):
         depth_t = self._map(depth)
         valid = self._map(depth_ok.astype(np.float32))[0] > 0.5
 
-        sn = read_color_image(sn_p).astype(np.float32) / 255.0 * 2.0 - 1.0
+        sn = read_color_image(sn_p, three_channel=True).astype(np.float32) / 255.0 * 2.0 - 1.0
         sn_t = self._map(sn) * valid
 
         kp_t = self._map(_rescale_unit(read_label_image(kp_p).astype(np.float64) / 2.0**16, _KEYPOINT_MAX))

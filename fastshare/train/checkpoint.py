@@ -13,8 +13,14 @@ Everything in it is a tensor or a plain Python value (no pickled objects), so it
 ``torch.load(..., weights_only=True)``.
 
 Atomic write: the file is written to a temporary file in the destination folder, flushed and fsync'ed,
-then moved over the destination with ``os.replace`` (atomic on POSIX), and the folder is fsync'ed. A crash
-at any moment leaves either the old file or the new one, never a truncated one.
+given the mode a new file gets (``0o666`` less the umask), then moved over the destination with
+``os.replace`` (atomic on POSIX), and the folder is fsync'ed. A crash at any moment leaves either the old
+file or the new one, never a truncated one.
+
+:func:`load_checkpoint` checks the entries that its readers (``Trainer.load``, ``fastshare retrain``,
+``eval`` and ``policy show``) use: ``model`` with the policy ``logits``, ``trainer`` with a known ``phase``
+(and, once the search is over, the architectures ``policies`` with ``arch`` and ``retrain_iter``), and
+``config`` with the ``tasks``.
 
 :func:`import_adashare` converts a checkpoint written by AdaShare's published code
 (``<label>_model.pth.tar``, the network under ``"mtl-net"``) into a fastshare model state dict.
@@ -72,11 +78,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (``mkstemp`` gives ``0o600``)."""
+    umask = os.umask(0)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``).
 
-    The folder is created if missing. If saving fails, the temporary file is removed and any previous file
-    at ``path`` is left untouched.
+    The folder is created if missing; the file gets the mode of any new file (``0o666`` less the umask).
+    If saving fails, the temporary file is removed and any previous file at ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +99,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -114,9 +128,39 @@ def _torch_load(path: Path, map_location: str | torch.device | None, weights_onl
         raise CheckpointError(path, f"cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
+#: Entries every fastshare checkpoint has, and the keys each holds that the checkpoint's readers use.
+_REQUIRED: dict[str, tuple[str, ...]] = {"model": ("logits",), "trainer": ("phase",), "config": ("tasks",)}
+#: The trainer's phases; once the search is over, its state also holds the architectures to re-train.
+_PHASES = ("warmup", "policy", "retrain", "done")
+_RETRAIN_STATE = ("policies", "arch", "retrain_iter")
+
+
+def _check_entries(path: Path, ckpt: Mapping[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming the first required entry or key (see ``_REQUIRED``) missing."""
+    for entry, keys in _REQUIRED.items():
+        if entry not in ckpt:
+            raise CheckpointError(path, f"checkpoint has no {entry!r} entry")
+        if not isinstance(ckpt[entry], Mapping):
+            raise CheckpointError(path, f"checkpoint entry {entry!r} is a {type(ckpt[entry]).__name__}, not a dict")
+        for key in keys:
+            if key not in ckpt[entry]:
+                raise CheckpointError(path, f"checkpoint entry {entry!r} has no {key!r}")
+    state = ckpt["trainer"]
+    if state["phase"] not in _PHASES:
+        raise CheckpointError(path, f"trainer phase {state['phase']!r} is not one of {', '.join(_PHASES)}")
+    if state["phase"] in ("retrain", "done"):
+        for key in _RETRAIN_STATE:
+            if key not in state:
+                raise CheckpointError(path, f"checkpoint entry 'trainer' (phase {state['phase']!r}) has no {key!r}")
+        if not isinstance(state["policies"], list) or not state["policies"]:
+            raise CheckpointError(path, f"checkpoint entry 'trainer' (phase {state['phase']!r}) has no "
+                                        f"architecture in 'policies' (got {state['policies']!r})")
+
+
 def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Load a fastshare checkpoint written by :func:`atomic_save`; raises :class:`CheckpointError` naming
-    the file when it is missing, truncated, corrupt or of another format/version."""
+    the file when it is missing, truncated, corrupt, of another format/version, or lacks an entry its
+    readers use (see the module docstring)."""
     path = Path(path)
     ckpt = _torch_load(path, map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -126,9 +170,7 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device | None = "c
     if ckpt.get("version") != VERSION:
         raise CheckpointError(path, f"checkpoint version {ckpt.get('version')!r} is not supported "
                                     f"(this fastshare reads version {VERSION})")
-    for key in ("model", "trainer"):
-        if key not in ckpt:
-            raise CheckpointError(path, f"checkpoint has no {key!r} entry")
+    _check_entries(path, ckpt)
     return ckpt
 
 

@@ -331,6 +331,9 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key}: {flat[key]!r} is not supported (only {value!r}); {how}")
     if not cfg.seed:
         raise ConfigError("seed: give at least one seed")
+    if not cfg.exp_name or cfg.exp_name in (".", "..") or any(sep in cfg.exp_name for sep in "/\\"):
+        raise ConfigError(f"exp_name: {cfg.exp_name!r} must name one folder (the run writes "
+                          "<checkpoint_dir>/<exp_name> and <log_dir>/<exp_name>): not empty, no '/' or '\\'")
     if not cfg.tasks:
         raise ConfigError("tasks: give at least one task")
     for i, task in enumerate(cfg.tasks):

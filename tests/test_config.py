@@ -194,3 +194,10 @@ def test_unreadable_config_file_is_a_config_error(tmp_path: Path):
         load_config(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yml")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../elsewhere", "a/b", "a\\b"])
+def test_exp_name_must_name_one_folder(name):
+    """The run writes <checkpoint_dir>/<exp_name>: an empty name or a path would write outside its folder."""
+    with pytest.raises(ConfigError, match="exp_name: .* must name one folder"):
+        load_config({"exp_name": name})

@@ -467,3 +467,26 @@ def test_taskonomy_corrupt_prior_and_normal_name_the_file(tmp_path: Path):
     Image.fromarray(np.full((32, 32), 128, np.uint8)).save(tmp_path / "normal.png")
     with pytest.raises(DataFileError, match=r"normal\.png: expected a 3-channel"):
         Taskonomy(tmp_path, "test_small")[0]
+
+
+@pytest.mark.parametrize("dataset, tasks, classes, message", [
+    ("NYU_v2", ["seg", "sn"], [20, 3], "tasks_num_class: NYU_v2 stores 40 segmentation classes, the configuration "
+                                       "gives seg 20"),
+    ("Taskonomy", ["seg"], [40], "Taskonomy stores 17 segmentation classes"),
+    ("CityScapes", ["seg", "depth"], [8, 1], "CityScapes stores 2, 7 or 19 segmentation classes"),
+    ("Synthetic", ["seg"], [3], "Synthetic stores at least 4 segmentation classes"),
+    ("Synthetic", ["keypoint"], [1], r"tasks: dataset 'Synthetic' has no task\(s\) \['keypoint'\]"),
+])
+def test_configuration_must_match_the_data_set(dataset, tasks, classes, message):
+    """A class count the data set does not store fails before any data is read (NYU with 20 classes used
+    to fail at the first validation, on a label >= 20)."""
+    from fastshare.config import ConfigError, load_config
+    from fastshare.data import check_tasks_provided
+
+    cfg = load_config({"tasks": tasks, "tasks_num_class": classes, "lambdas": [1] * len(tasks),
+                       "dataload": {"dataset": dataset, "dataroot": "/no/data/needed"}})
+    with pytest.raises(ConfigError, match=message):
+        check_tasks_provided(cfg)
+    ok = {"NYU_v2": 40, "Taskonomy": 17, "CityScapes": 19, "Synthetic": 4}[dataset]
+    if "seg" in tasks:
+        check_tasks_provided(load_config({**cfg.to_dict(), "tasks_num_class": [ok] + classes[1:]}))

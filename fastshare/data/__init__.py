@@ -41,15 +41,31 @@ TASK_TARGET_KEY: dict[str, str] = {
 
 
 def check_tasks_provided(cfg: Config) -> None:
-    """Raise ``ValueError`` if ``cfg.dataload.dataset`` is unknown or lacks a task of ``cfg.tasks``."""
+    """Raise :class:`~fastshare.config.ConfigError` (a ``ValueError``) if ``cfg.dataload.dataset`` is
+    unknown, lacks a task of ``cfg.tasks``, or stores another number of segmentation classes than
+    ``cfg.tasks_num_class`` gives ``seg`` (NYU v2: 40, Taskonomy: 17, CityScapes: 2, 7 or 19,
+    the synthetic scenes: at least their 4)."""
+    from fastshare.config import ConfigError
+
     dl = cfg.dataload
     classes = {"Synthetic": SyntheticScenes, "NYU_v2": NYUv2, "CityScapes": CityScapes, "Taskonomy": Taskonomy}
     if dl.dataset not in classes:
-        raise ValueError(f"unknown dataset {dl.dataset!r}; known: {sorted(classes)}")
+        raise ConfigError(f"dataload.dataset: unknown dataset {dl.dataset!r}; known: {sorted(classes)}")
     provided = classes[dl.dataset].TASKS
     missing = [t for t in cfg.tasks if t not in provided]
     if missing:
-        raise ValueError(f"dataset {dl.dataset!r} has no task(s) {missing}; it provides {list(provided)}")
+        raise ConfigError(f"tasks: dataset {dl.dataset!r} has no task(s) {missing}; it provides {list(provided)}")
+    if "seg" in cfg.tasks:
+        n = cfg.tasks_num_class[cfg.tasks.index("seg")]
+        if dl.dataset == "Synthetic":
+            ok, want = n >= SyntheticScenes.NUM_SEG_CLASSES, f"at least {SyntheticScenes.NUM_SEG_CLASSES}"
+        elif dl.dataset == "CityScapes":
+            ok, want = n in (2, 7, 19), "2, 7 or 19"
+        else:
+            ok, want = n == classes[dl.dataset].NUM_SEG_CLASSES, str(classes[dl.dataset].NUM_SEG_CLASSES)
+        if not ok:
+            raise ConfigError(f"tasks_num_class: {dl.dataset} stores {want} segmentation classes, the "
+                              f"configuration gives seg {n}")
 
 
 def build_dataset(cfg: Config, split: str, *, augment: bool | None = None) -> torch.utils.data.Dataset:
@@ -57,8 +73,8 @@ def build_dataset(cfg: Config, split: str, *, augment: bool | None = None) -> to
 
     ``crop_h``/``crop_w`` apply to the train splits (the synthetic image size for every split); test
     splits keep the stored resolution, as in AdaShare. ``augment=None`` keeps each data set's default
-    (on for train splits of the real data sets, off for the synthetic one). Raises ``ValueError`` if a
-    configured task is not provided by the data set.
+    (on for train splits of the real data sets, off for the synthetic one). Raises
+    :class:`~fastshare.config.ConfigError` as :func:`check_tasks_provided`.
     """
     dl = cfg.dataload
     check_tasks_provided(cfg)

@@ -55,10 +55,12 @@ def unit_normals(vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
     Pixels whose vector has zero length are also set to 0 (the "invalid normal" marker).
     """
-    v = vectors.float()
+    # The norm in float64: torch 2.13's CPU build here computed float32 sqrt(1) as 1 - 2**-12 (an unrefined
+    # rsqrt estimate) in about one process in 40, which broke the unit-length contract (tests/test_data.py).
+    v = vectors.double()
     norm = (v * v).sum(dim=0, keepdim=True).sqrt()
     ok = valid.unsqueeze(0) & (norm > 0)
-    return torch.where(ok, v / norm.clamp_min(1e-12), 0.0)
+    return torch.where(ok, v / norm.clamp_min(1e-12), 0.0).float()
 
 
 def _uniform(generator: torch.Generator | None) -> float:

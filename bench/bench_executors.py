@@ -15,6 +15,10 @@ Variants:
 - ``batched-channels-last``: ``batched`` on a channels_last input (the whole backbone then runs
   channels_last).
 
+Before timing, each batched variant passes a pre-pass on the step's own inputs, without the optimiser step
+and with every ``nn.Dropout`` off (the executors draw different masks): its task outputs and parameter
+gradients against the sequential step's (``STEP_OUTPUT_RTOL``, ``STEP_GRAD_RTOL`` in bench/conftest.py).
+
 Targets (median over sequential): ResNet-34 stage 1 <= 0.65, stage L <= 0.90; ResNet-18 stage 1 <= 0.75,
 stage L <= 0.90.
 
@@ -35,6 +39,8 @@ from statistics import median
 import pytest
 import torch
 
+from conftest import STEP_GRAD_RTOL, STEP_OUTPUT_RTOL, check_prepass, dropout_off
+from fastshare.bench.common import backward_grads
 from fastshare.bench.timing import Timed, interleaved_seconds
 from fastshare.executors import batched as batched_module
 from fastshare.losses import task_loss
@@ -65,22 +71,29 @@ def setup(request):
     return (request.param,) + _setup(request.param)
 
 
-def _policy_step(setup, stage: int, variant: str) -> None:
-    """One policy-learning step of ``variant``."""
-    _, model, x, targets, u, opt = setup
+def _forward_backward(setup, stage: int, variant: str
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """Forward and backward of ``variant`` (no optimiser step): its task outputs and parameter gradients."""
+    _, model, x, targets, u, _ = setup
     executor = "sequential" if variant == "sequential" else "batched"
     head = batched_module._head
     if variant == "batched-plain-heads":
         batched_module._head = lambda module, h: module(h)
     inp = x.contiguous(memory_format=torch.channels_last) if variant == "batched-channels-last" else x
     try:
-        opt.zero_grad(set_to_none=True)
         gates = model.gates("sample", tau=5.0, hard=False, num_train_layers=stage, u=u)
         out = model(inp, gates, executor=executor)
-        sum(task_loss(t, out[t], targets[t]) for t in model.tasks).backward()
-        opt.step()
     finally:
         batched_module._head = head
+    names, params = zip(*model.named_parameters())
+    grads = backward_grads(sum(task_loss(t, out[t], targets[t]) for t in model.tasks), params)
+    return {t: o.detach() for t, o in out.items()}, dict(zip(names, grads))
+
+
+def _policy_step(setup, stage: int, variant: str) -> None:
+    """One policy-learning step of ``variant``."""
+    _forward_backward(setup, stage, variant)
+    setup[-1].step()
 
 
 @pytest.mark.benchmark(group="policy_step")
@@ -88,6 +101,13 @@ def _policy_step(setup, stage: int, variant: str) -> None:
 def test_policy_step(benchmark, setup, stage_of):
     backbone, model = setup[0], setup[1]
     stage = 1 if stage_of == "1" else model.num_blocks
+    with dropout_off(model):
+        out_ref, grads_ref = _forward_backward(setup, stage, "sequential")
+        for v in VARIANTS[1:]:
+            out, grads = _forward_backward(setup, stage, v)
+            check_prepass(f"{backbone} stage {stage} {v} output", out, out_ref, STEP_OUTPUT_RTOL)
+            check_prepass(f"{backbone} stage {stage} {v} gradient", grads, grads_ref, STEP_GRAD_RTOL)
+    del out_ref, grads_ref, out, grads
     times = interleaved_seconds({v: Timed(lambda _, v=v: _policy_step(setup, stage, v)) for v in VARIANTS}, ROUNDS)
     base = median(times["sequential"])
     ratios = {v: median(t) / base for v, t in times.items() if v != "sequential"}

@@ -9,6 +9,12 @@ Cases (float32, CPU, training mode, dropout 0.5):
   1x1 branches' first layer), forward + backward (plus the backward of the ``x * 1`` that makes the input a
   fresh activation, common to both variants).
 
+Before timing, ``fused`` passes a pre-pass on the case's own inputs, output and every gradient: under one
+``torch.manual_seed`` it must equal the same computation with the op's reference (``relu_dropout_ref``,
+seeded as the op seeds itself; the masks are the same, relative error <= 1e-4 in norm); for ``head``, with
+every ``nn.Dropout`` off, the fast head must also match the module's own forward within 1e-2 (float32 ReLU
+flips near 0 move single gradients of the two ~2e-3 apart). ``two-pass`` is PyTorch's own.
+
 Variants ``fused`` and ``two-pass`` run in one process on the same model and input, alternating round by
 round so that machine load hits both alike; the ratio of their medians is printed and stored in
 ``extra_info`` together with the load average (the machine is shared). pytest-benchmark's own table times
@@ -32,10 +38,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import check_prepass, dropout_off
+from fastshare.bench.common import backward_grads
 from fastshare.bench.timing import Timed, interleaved_seconds, quantile
 from fastshare.model import fast_heads
 from fastshare.model.heads import ASPPHead
 from fastshare.ops import relu_dropout
+from fastshare.ops.relu_dropout import relu_dropout_ref
 
 ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "7"))
 B, C_IN, SIZE, WIDTH, CLASSES, P = 4, 512, 16, 1024, 40, 0.5
@@ -49,11 +58,24 @@ def _two_pass(t: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(t, p, True) if p > 0 else t
 
 
+def _reference(t: torch.Tensor, p: float) -> torch.Tensor:
+    """The fused op's reference, ``relu_dropout_ref``, seeded as the op seeds itself (``torch.randint``
+    from the default generator, offset 0): under one ``torch.manual_seed``, the fused variant's masks."""
+    if p == 0:
+        return torch.relu(t)
+    return relu_dropout_ref(t, torch.randint(0, 1 << 32, (), dtype=torch.int64), 0, p)[0]
+
+
+#: ReLU + dropout ``(t, p) -> out`` of each variant (``reference``: the pre-pass's yardstick).
+RELU_DROPOUT = {"fused": lambda t, p: relu_dropout(t, p, True), "two-pass": _two_pass, "reference": _reference}
+
+
 @contextlib.contextmanager
 def _variant(name: str) -> Iterator[None]:
+    """The fast head with ``name``'s ReLU + dropout (``fused``: the head's own, ``fast_heads._relu_dropout``)."""
     fused = fast_heads._relu_dropout
-    if name == "two-pass":
-        fast_heads._relu_dropout = _two_pass
+    if name != "fused":
+        fast_heads._relu_dropout = RELU_DROPOUT[name]
     try:
         yield
     finally:
@@ -82,9 +104,28 @@ def head_case():
     return head, x, grad
 
 
+def _head_results(head: ASPPHead, x: torch.Tensor, grad: torch.Tensor, variant: str | None
+                  ) -> dict[str, torch.Tensor | None]:
+    """Output and parameter gradients of the fast head under ``variant`` (None: the module's forward), from
+    ``torch.manual_seed(0)``."""
+    torch.manual_seed(0)
+    if variant is None:
+        out = head(x)
+    else:
+        with _variant(variant):
+            out = fast_heads.aspp_head_forward(head, x)
+    names, params = zip(*head.named_parameters())
+    return {"output": out.detach(), **{f"grad {n}": g for n, g in zip(names, backward_grads(out, params, grad))}}
+
+
 @pytest.mark.benchmark(group="heads")
 def test_head_fwd_bwd(benchmark, head_case):
     head, x, grad = head_case
+    check_prepass("fused head", _head_results(head, x, grad, "fused"), _head_results(head, x, grad, "reference"),
+                  1e-4)
+    with dropout_off(head):
+        check_prepass("fast head, dropout off", _head_results(head, x, grad, "fused"),
+                      _head_results(head, x, grad, None), 1e-2)
 
     def run(variant: str) -> None:
         with _variant(variant):
@@ -108,9 +149,15 @@ def test_relu_dropout_op_fwd_bwd(benchmark):
         leaf.grad = None
         return leaf * 1.0
 
-    def run(variant: str, h: torch.Tensor) -> None:
-        out = relu_dropout(h, P, True) if variant == "fused" else _two_pass(h, P)
+    def run(variant: str, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = RELU_DROPOUT[variant](h, P)
         out.backward(grad)  # also the backward of h = leaf * 1 (one pass, common to both)
+        return {"output": out, "grad": leaf.grad}
 
+    def seeded(variant: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        return run(variant, fresh_activation(0))
+
+    check_prepass("fused op", seeded("fused"), seeded("reference"), 1e-4)
     times = interleaved_seconds({v: Timed(lambda h, v=v: run(v, h), fresh_activation) for v in VARIANTS}, ROUNDS)
     _report(benchmark, f"relu+dropout op {list(shape)}", times, lambda: run("fused", fresh_activation(0)))

@@ -7,6 +7,9 @@ rate ``d``; CUDA: ``[16, 512, 41, 41]`` (B = 16 at 321 x 321) in IEEE float32 (T
 channels_last; CPU: ``[4, 512, 16, 16]`` (the CPU step size, 128 x 128; rates 18 and 24 are 1x1 there
 either way) and ``[2, 512, 41, 41]`` in float32, channels_last (oneDNN's layout in the fast heads).
 
+Before timing, ``split``'s output and gradients must match ``padded``'s (pre-pass: relative error, in
+norm, <= 1e-4 in float32 and 1e-2 in bf16; the two differ only in summation order).
+
 Variants ``split`` and ``padded`` run in one process on the same tensors, alternating round by round
 (``fastshare.bench.timing.time_interleaved``); the ratio of their medians (``split / padded``: below 1
 means the split is faster) and the share of multiply-adds the split keeps (``live_fraction``) are printed
@@ -28,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import check_prepass
 from fastshare.bench.timing import Timed, time_interleaved
 from fastshare.ops.pruned_conv import live_tap_fraction, pruned_conv3x3
 
@@ -35,6 +39,7 @@ ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "7"))
 C_OUT = 1024
 RATES = (6, 12, 18, 24)
 VARIANTS = ("split", "padded")
+PREPASS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
 def _cases(device: torch.device) -> list[tuple[list[int], int, torch.dtype]]:
@@ -42,6 +47,16 @@ def _cases(device: torch.device) -> list[tuple[list[int], int, torch.dtype]]:
         return [([16, 512, 41, 41], d, dt) for dt in (torch.float32, torch.bfloat16) for d in RATES]
     return ([([4, 512, 16, 16], d, torch.float32) for d in (6, 12)]
             + [([2, 512, 41, 41], d, torch.float32) for d in RATES])
+
+
+def _results(variant: str, leaves: list[torch.Tensor], grad: torch.Tensor, d: int) -> dict[str, torch.Tensor]:
+    """Output and x, weight, bias gradients of ``split`` or ``padded`` on ``leaves = [x, weight, bias]``."""
+    if variant == "split":
+        out = pruned_conv3x3(*leaves, d, split=True)
+    else:
+        out = F.conv2d(*leaves, 1, d, d)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return dict(zip(("output", "grad x", "grad weight", "grad bias"), (out, *grads)))
 
 
 @pytest.mark.benchmark(group="pruned-conv")
@@ -62,12 +77,8 @@ def test_pruned_conv_fwd_bwd(benchmark, device, index):
     grad = torch.randn(shape[0], C_OUT, *shape[2:], device=device, generator=gen).to(dtype)
     grad = grad.contiguous(memory_format=layout)
 
-    def run(variant: str) -> None:
-        if variant == "split":
-            out = pruned_conv3x3(x, weight, bias, d, split=True)
-        else:
-            out = F.conv2d(x, weight, bias, 1, d, d)
-        torch.autograd.grad(out, leaves, grad)
+    def run(variant: str) -> dict[str, torch.Tensor]:
+        return _results(variant, leaves, grad, d)
 
     def run_synced() -> None:  # pytest-benchmark times with the host clock
         run("split")
@@ -75,6 +86,7 @@ def test_pruned_conv_fwd_bwd(benchmark, device, index):
             torch.cuda.synchronize()
 
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        check_prepass(f"split d={d}", run("split"), run("padded"), PREPASS_RTOL[dtype])
         stats = time_interleaved({v: Timed(lambda _, v=v: run(v)) for v in VARIANTS}, device, warmup=1,
                                  min_rounds=ROUNDS, max_rounds=ROUNDS)
         benchmark.pedantic(run_synced, rounds=ROUNDS, iterations=1, warmup_rounds=0)

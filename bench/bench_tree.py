@@ -16,6 +16,10 @@ Run (2 threads, as measured for the issue)::
         --benchmark-only --benchmark-group-by=group -s
 
 The ratio lines printed at the end (and stored in ``extra_info``) compare medians of the interleaved rounds.
+Before timing, each tree variant passes a pre-pass on the case's own inputs, without the optimiser step and
+with every ``nn.Dropout`` off (the executors draw different masks): its task outputs and (re-train)
+parameter gradients against the sequential executor's (``STEP_OUTPUT_RTOL``, ``STEP_GRAD_RTOL`` in
+bench/conftest.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import STEP_GRAD_RTOL, STEP_OUTPUT_RTOL, check_prepass, dropout_off
+from fastshare.bench.common import backward_grads
 from fastshare.bench.steps import nyu_example_policy
 from fastshare.bench.timing import Timed, interleaved_seconds
 from fastshare.executors import tree as tree_module
@@ -52,36 +58,49 @@ def setup():
     return model, x, targets, gates, opt
 
 
-def _retrain_step(setup, executor: str) -> None:
-    model, x, targets, gates, opt = setup
-    model.train()
-    opt.zero_grad(set_to_none=True)
+def _forward_backward(setup, executor: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """Forward and backward of the re-train step (no optimiser step): task outputs and parameter gradients."""
+    model, x, targets, gates, _ = setup
     out = model(x, gates, executor=executor)
-    sum(task_loss(t, out[t], targets[t]) for t in model.tasks).backward()
-    opt.step()
+    names, params = zip(*model.named_parameters())
+    grads = backward_grads(sum(task_loss(t, out[t], targets[t]) for t in model.tasks), params)
+    return {t: o.detach() for t, o in out.items()}, dict(zip(names, grads))
 
 
-def _inference(setup, executor: str) -> None:
+def _retrain_step(setup, executor: str) -> None:
+    """Forward, the three task losses, backward, SGD step (training mode: set by the test)."""
+    _forward_backward(setup, executor)
+    setup[-1].step()
+
+
+def _inference(setup, executor: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """One forward without gradients (eval mode: set by the test): the task outputs (and no gradients)."""
     model, x, _, gates, _ = setup
-    model.eval()
     with torch.no_grad():
-        model(x, gates, executor=executor)
+        return model(x, gates, executor=executor), {}
 
 
-def _call(fn, setup, variant: str) -> None:
-    """One call of ``fn`` under ``variant``; ``tree-plain-heads`` is the tree executor with the heads' own
-    forward."""
+def _call(fn, setup, variant: str):
+    """``fn`` under ``variant``; ``tree-plain-heads`` is the tree executor with the heads' own forward."""
     fast_heads = tree_module._head_forward
     if variant == "tree-plain-heads":
         tree_module._head_forward = None
     try:
-        fn(setup, "sequential" if variant == "sequential" else "tree")
+        return fn(setup, "sequential" if variant == "sequential" else "tree")
     finally:
         tree_module._head_forward = fast_heads
 
 
-def _record(benchmark, what: str, fn, setup) -> None:
+def _record(benchmark, what: str, fn, setup, results) -> None:
+    """Pre-pass with ``results`` (the step's outputs and gradients, dropout off), then time ``fn``."""
     variants = ["sequential", "tree"] + (["tree-plain-heads"] if tree_module._head_forward is not None else [])
+    with dropout_off(setup[0]):
+        out_ref, grads_ref = _call(results, setup, "sequential")
+        for v in variants[1:]:
+            out, grads = _call(results, setup, v)
+            check_prepass(f"{what} {v} output", out, out_ref, STEP_OUTPUT_RTOL)
+            check_prepass(f"{what} {v} gradient", grads, grads_ref, STEP_GRAD_RTOL)
+    del out_ref, grads_ref, out, grads
     times = interleaved_seconds({v: Timed(lambda _, v=v: _call(fn, setup, v)) for v in variants}, ROUNDS)
     base = median(times["sequential"])
     ratios = {v: median(t) / base for v, t in times.items() if v != "sequential"}
@@ -97,12 +116,14 @@ def _record(benchmark, what: str, fn, setup) -> None:
 
 @pytest.mark.benchmark(group="retrain_step")
 def test_retrain_step(benchmark, setup):
-    _record(benchmark, "retrain step", _retrain_step, setup)
+    setup[0].train()
+    _record(benchmark, "retrain step", _retrain_step, setup, _forward_backward)
 
 
 @pytest.mark.benchmark(group="inference")
 def test_inference(benchmark, setup):
-    _record(benchmark, "inference", _inference, setup)
+    setup[0].eval()
+    _record(benchmark, "inference", _inference, setup, _inference)
 
 
 @pytest.mark.benchmark(group="flops")

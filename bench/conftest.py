@@ -3,7 +3,8 @@
 ``bench_*.py`` files are collected here (the project's default test run, ``testpaths = ["tests"]``, never
 sees them). Fixtures: the device under test, its copy bandwidth and matmul rates measured once per session,
 and ``record``: after a timed run, it stores GB/s, % of copy bandwidth and TFLOP/s in
-``benchmark.extra_info`` from pytest-benchmark's own median.
+``benchmark.extra_info`` from pytest-benchmark's own median. Pre-pass helpers: :func:`check_prepass`
+(a fast path's results against the reference's before it is timed) and :func:`dropout_off`.
 
 GPU timing: pytest-benchmark times with the host clock, so every timed function synchronizes the device
 before it returns (:func:`synced`).
@@ -11,14 +12,16 @@ before it returns (:func:`synced`).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 import torch
 
 from fastshare.bench.config import SuiteConfig, suite_config
+from fastshare.bench.prepass import PrepassError, rel_error
 from fastshare.bench.rates import MatmulRates, gbps, measure_copy_bandwidth
 
 
@@ -85,3 +88,48 @@ def record(benchmark, copy_bandwidth: float) -> Callable[..., None]:
             if tflops_ref:
                 benchmark.extra_info["pct_matmul"] = round(100 * tflops / tflops_ref, 1)
     return put
+
+
+def check_prepass(name: str, got: Mapping[str, torch.Tensor | None], want: Mapping[str, torch.Tensor | None],
+                  rtol: float) -> None:
+    """Pre-pass of a fast path before it is timed: each of its results (outputs, gradients; named as the
+    reference's, computed in the same dtype on the benchmark's own inputs) within ``rtol`` relative error
+    ``||got - want|| / ||want||`` of the reference's; a result missing (None) or zero on one side must be
+    zero on the other; NaN fails. Raises :class:`PrepassError`: the benchmark fails instead of timing a
+    wrong path."""
+    if set(got) != set(want):
+        raise PrepassError(f"{name}: the names of the results differ from the reference's")
+    for key, ref in want.items():
+        a = got[key]
+        if a is None or ref is None or not bool(ref.any()):
+            if any(t is not None and bool(t.any()) for t in (a, ref)):
+                raise PrepassError(f"{name}: {key}: missing or zero on one side only")
+            continue
+        if a.shape != ref.shape:
+            raise PrepassError(f"{name}: {key}: shape {tuple(a.shape)} != reference {tuple(ref.shape)}")
+        err = rel_error(a, ref)
+        if not err <= rtol:
+            raise PrepassError(f"{name}: {key}: relative error {err:.3e} from the reference > {rtol:.0e}")
+
+
+#: Pre-pass tolerances of a whole float32 step (bench_executors.py, bench_tree.py): relative error, in norm,
+#: of each task output and each parameter gradient from the sequential executor's. Measured for the
+#: batched variants (bench_executors.py) on this CPU: outputs <= 2.5e-5; gradients up to 1.5e-2, the
+#: BatchNorm gradients of ResNet-34's first blocks, which are ~1e-2 from a float64 step in every float32
+#: execution (ReLU flips near 0, cancellation). A wrong path is off by O(1); exact equivalence is the tests'
+#: job, in float64.
+STEP_OUTPUT_RTOL, STEP_GRAD_RTOL = 1e-3, 5e-2
+
+
+@contextlib.contextmanager
+def dropout_off(model: torch.nn.Module) -> Iterator[None]:
+    """Every ``nn.Dropout`` of ``model`` in eval mode for the block, the rest in its own mode: two paths
+    draw different dropout masks, so a pre-pass compares them without dropout."""
+    active = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    for m in active:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in active:
+            m.train()

@@ -13,6 +13,7 @@ batches), BatchNorms the executor cannot segment (refused), and empty batches th
 from __future__ import annotations
 
 import copy
+import math
 import sys
 
 import pytest
@@ -53,13 +54,18 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
 
 
 def _check(name: str, ref: torch.Tensor, got: torch.Tensor, rtol: float, floor: float = 0.0) -> None:
-    """``max|got - ref| <= rtol * max(max|ref|, floor)``, naming the tensor and the worst index."""
+    """``max|got - ref| <= rtol * max(max|ref|, floor)``, naming the tensor and the worst index. Any NaN
+    or infinity fails (named as such where only one of the two tensors has it)."""
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     assert got.dtype == ref.dtype, f"{name}: dtype {got.dtype} != {ref.dtype}"
     ref, got = ref.detach(), got.detach()
+    finite_ref, finite_got = torch.isfinite(ref), torch.isfinite(got)
+    if not torch.equal(finite_ref, finite_got):
+        pytest.fail(f"{name}: {int((finite_ref != finite_got).sum())} elements finite in only one of result "
+                    f"and reference")
     scale = max(float(ref.double().abs().max()) if ref.numel() else 0.0, floor, 1e-300)
     err = _rel_err(ref, got, scale)
-    if err > rtol:
+    if not err <= rtol:
         worst = int((ref.double() - got.double()).abs().argmax())
         pytest.fail(f"{name}: relative error {err:.3e} > {rtol:.1e} (scale {scale:.3e}, worst flat index {worst}: "
                     f"ref {ref.flatten()[worst].item():.6e} got {got.flatten()[worst].item():.6e})")
@@ -124,6 +130,18 @@ def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample",
 def _pair(backbone: str, k: int, dtype: torch.dtype) -> tuple[AdaShareNet, AdaShareNet]:
     ref = _make_model(backbone, k, dtype)
     return ref, copy.deepcopy(ref)
+
+
+def test_check_fails_on_nan_and_inf():
+    """``_check`` fails on one NaN or infinity in the result, and on NaN in both tensors."""
+    ref = torch.randn(5, 5, dtype=torch.float64)
+    for bad in (float("nan"), float("inf")):
+        got = ref.clone()
+        got[2, 3] = bad
+        with pytest.raises(pytest.fail.Exception, match="finite in only one"):
+            _check("t", ref, got, 1e-10)
+    with pytest.raises(pytest.fail.Exception, match="relative error nan"):
+        _check("t", torch.full_like(ref, float("nan")), torch.full_like(ref, float("nan")), 1e-10)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,16 +415,17 @@ def test_fast_head_uses_each_branch_dropout_p(size, dropped):
         _check("head grad", a, b, 1e-11)
 
 
-def test_fast_head_drops_both_layers_of_each_branch_with_its_p():
-    """Branches 1 and 3 have p = 0.5, branches 0 and 2 p = 0 (two groups of 1x1 branches). Branch 1 is made
-    the identity after its first convolution and the only contributor, so the output is
-    ``mask1 * mask2 * relu(conv1(x)) / (1 - p)^2``: about (1 - p)^2 = 1/4 of the positive units survive
-    (1/2 if one of its two dropouts were skipped), each scaled by exactly 4."""
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_fast_head_drops_both_layers_of_each_branch_with_its_p(p):
+    """Branches 1 and 3 have dropout p, branches 0 and 2 p = 0 (two groups of 1x1 branches). Branch 1 is
+    made the identity after its first convolution and the only contributor, so the output is
+    ``mask1 * mask2 * relu(conv1(x)) / (1 - p)^2``: about (1 - p)^2 of the positive units survive (5 sigma;
+    1 - p if one of its two dropouts were skipped), each scaled by exactly 1 / (1 - p)^2."""
     torch.manual_seed(0)
     width = 16
     head = ASPPHead(8, width, width=width, dropout=0.0).double().train()
     for j in (1, 3):
-        head.branches()[j].dropout.p = 0.5
+        head.branches()[j].dropout.p = p
     with torch.no_grad():
         for j, b in enumerate(head.branches()):
             b.conv3.bias.zero_()
@@ -416,16 +435,18 @@ def test_fast_head_drops_both_layers_of_each_branch_with_its_p():
                 b.conv3.weight.copy_(torch.eye(width)[:, :, None, None])
             else:
                 b.conv3.weight.zero_()
-    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)  # 5x5 features: every branch is 1x1
+    x = torch.randn(16, 8, 5, 5, dtype=torch.float64)  # 5x5 features: every branch is 1x1
     with torch.no_grad():
         got = aspp_head_forward(head, x)
         hidden = torch.relu(head.fc1_c1.conv1(x))
     positive = hidden > 0
     kept = (got != 0) & positive
     assert not bool(((got != 0) & ~positive).any())
-    frac = float(kept.sum()) / float(positive.sum())
-    assert abs(frac - 0.25) < 0.08, f"{frac:.3f} of the units survive, expected about 0.25"
-    _check("kept units", 4 * hidden[kept], got[kept], 1e-12)
+    survive, n_pos = (1 - p) ** 2, int(positive.sum())
+    frac = int(kept.sum()) / n_pos
+    assert abs(frac - survive) < 5 * math.sqrt(survive * (1 - survive) / n_pos), \
+        f"{frac:.3f} of the units survive, expected about {survive:.3f}"
+    _check("kept units", hidden[kept] / (1 - p) ** 2, got[kept], 1e-12)
 
 
 @pytest.mark.parametrize("executor", ["batched", "tree"])
@@ -448,9 +469,16 @@ def test_model_with_dropout_modules_in_eval_mode_equals_reference(executor):
         outs.append(out)
     for task in outs[0]:
         _check(f"output {task}", outs[0][task], outs[1][task], 1e-10)
+    n_compared = 0
     for (name, p_ref), (_, p_fast) in zip(ref.named_parameters(), fast.named_parameters()):
-        if p_fast.grad is not None:
-            _check(f"grad {name}", p_ref.grad, p_fast.grad, 1e-9, floor=1e-6)
+        if p_fast.grad is None:  # a block no task runs (tree): the reference's gradient is None or zero
+            ref_zero = p_ref.grad is None or not bool(p_ref.grad.any())
+            assert ref_zero, f"{name}: no gradient, the reference's is non-zero"
+            continue
+        assert p_ref.grad is not None, f"{name}: a gradient where the reference has none"
+        _check(f"grad {name}", p_ref.grad, p_fast.grad, 1e-9, floor=1e-6)
+        n_compared += 1
+    assert n_compared > 0, "no gradient compared"
 
 
 # ----------------------------------------------------------------------------------------------------

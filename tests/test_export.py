@@ -26,9 +26,13 @@ POLICY = torch.tensor([[1, 1, 0, 1, 1, 0, 1, 1], [1, 1, 0, 1, 0, 1, 1, 0], [1, 0
 def model() -> AdaShareNet:
     torch.manual_seed(0)
     net = AdaShareNet("resnet18", {"seg": 4, "sn": 3, "depth": 1}, head_width=16, dropout=0.0)
+    # Distinct BatchNorm parameters and statistics everywhere, so that a BatchNorm's state copied to the
+    # wrong place changes the output.
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return net.eval()

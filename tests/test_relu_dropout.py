@@ -1,7 +1,8 @@
 """``fastshare::relu_dropout``: the counter-based ReLU + dropout op (fastshare/ops/relu_dropout.py).
 
 The C++ kernel (``torch.ops.fastshare_C.relu_dropout_fwd/_bwd``) is checked bit for bit against the
-reference: masks, outputs and gradients (NaN compared as NaN, whatever its payload). The random stream is
+reference: masks, outputs and gradients (NaN compared as NaN, whatever its payload); the scale 1 / (1 - p)
+of outputs and gradients is checked without the reference, at p = 0.1 and 0.9. The random stream is
 checked statistically (keep rate, independence of neighbours, of seeds and of offsets), the op layer with
 opcheck and torch.compile, and the fast ASPP head that uses it end to end. Tests of the C++ kernel skip
 without the extension (or fail where ``FASTSHARE_REQUIRE_BACKENDS`` names ``cpu``).
@@ -99,6 +100,30 @@ def test_reference_semantics_on_special_values():
     assert_bitwise(out, expected, "out")
     assert torch.equal(mask, keep & (x > 0))
     assert 0 < int(keep.sum()) < x.numel()
+
+
+def assert_scaled_by_one_over_keep_probability(backend: str, p: float, device: str = "cpu") -> None:
+    """Without the reference: an output is 0 wherever x <= 0, else 0 or relu(x) / (1 - p); about 1 - p of
+    the positive inputs are kept (5 sigma); the gradient is 1 / (1 - p) where kept, exactly 0 elsewhere."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_()
+    out = relu_dropout(x, p, seed=2024, offset=7, backend=backend)
+    (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    x, q = x.detach(), 1 - p
+    kept, positive = out != 0, x > 0
+    assert not bool((kept & ~positive).any()), "non-zero output where x <= 0"
+    n_pos = int(positive.sum())
+    frac = int(kept.sum()) / n_pos
+    assert abs(frac - q) < 5 * math.sqrt(p * q / n_pos), f"kept {frac:.3f} of the positive inputs, not {q}"
+    assert_close_verbose(out[kept], x[kept].double() / q, 0.0, 1e-6, "kept outputs")
+    assert_close_verbose(dx, kept.double() / q, 0.0, 1e-6, "gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("p", [0.1, 0.9])
+def test_kept_elements_scaled_by_one_over_keep_probability(backend, p):
+    if backend == "cpu":
+        require_cpu_kernel()
+    assert_scaled_by_one_over_keep_probability(backend, p)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)

@@ -100,16 +100,36 @@ def _compare_both_modes(backbone, k, policy, dtype, out_tol, grad_tol, x_size=33
 
 
 def _assert_scale_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, floor: float, name: str) -> None:
-    """``max|got - ref| <= rtol * max(max|ref|, floor)``: the error relative to the tensor's own scale."""
+    """``max|got - ref| <= rtol * max(max|ref|, floor)``: the error relative to the tensor's own scale. Any
+    NaN or infinity fails (named as such where only one of the two tensors has it)."""
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     got, ref = got.detach().double(), ref.detach().double()
+    finite_got, finite_ref = torch.isfinite(got), torch.isfinite(ref)
+    assert torch.equal(finite_got, finite_ref), \
+        f"{name}: {int((finite_got != finite_ref).sum())} elements finite in only one of result and reference"
     scale = max(float(ref.abs().max()) if ref.numel() else 0.0, floor, 1e-300)
     err = (got - ref).abs()
-    if float(err.max()) > rtol * scale:
+    if not float(err.max()) <= rtol * scale:
         worst = int(err.argmax())
         raise AssertionError(f"{name}: max abs err {float(err.max()):.3e} > {rtol:.1e} x scale {scale:.3e} "
                              f"(relative {float(err.max()) / scale:.3e}); worst flat index {worst}: got "
                              f"{got.flatten()[worst].item():.8g}, expected {ref.flatten()[worst].item():.8g}")
+
+
+def _compare_grads(ref, tree, check) -> None:
+    """``check(got, want, name)`` on each parameter's gradient from the tree executor; a parameter it
+    leaves without one (used by no task) must have none or an all-zero one in the reference. At least one
+    gradient is compared."""
+    n_compared = 0
+    for (name, p_ref), (_, p_tree) in zip(ref.named_parameters(), tree.named_parameters()):
+        if p_tree.grad is None:
+            ref_zero = p_ref.grad is None or not bool(p_ref.grad.any())
+            assert ref_zero, f"{name}: no gradient, the reference's is non-zero"
+            continue
+        assert p_ref.grad is not None, f"{name}: a gradient where the reference has none"
+        check(p_tree.grad, p_ref.grad, f"grad {name}")
+        n_compared += 1
+    assert n_compared > 0, "no gradient compared"
 
 
 def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, grad_rtol, train, steps=1):
@@ -118,14 +138,8 @@ def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, g
         assert_close_verbose(out_tree[task], out_ref[task], *out_tol, name=f"output {task}")
     assert_close_verbose(loss_tree, loss_ref, *out_tol, name="loss")
     grad_scale = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
-    n_compared = 0
-    for (name, p_ref), (_, p_tree) in zip(ref.named_parameters(), tree.named_parameters()):
-        if p_tree.grad is None:  # not used by any task: the reference's gradient is exactly zero
-            assert p_ref.grad is None or not p_ref.grad.any(), f"{name}: unused here but has a gradient"
-            continue
-        n_compared += 1
-        _assert_scale_close(p_tree.grad, p_ref.grad, grad_rtol, GRAD_FLOOR * grad_scale, f"grad {name}")
-    assert n_compared > 0
+    _compare_grads(ref, tree, lambda got, want, name: _assert_scale_close(got, want, grad_rtol,
+                                                                          GRAD_FLOOR * grad_scale, name))
     if not train:
         return
     bb = tree.backbone
@@ -206,9 +220,7 @@ def test_resnet34_nyu_policy_real_losses():
         loss.backward()
         losses.append(loss)
     assert_close_verbose(losses[1], losses[0], *F64, name="loss")
-    for (name, p_ref), (_, p_tree) in zip(ref.named_parameters(), tree.named_parameters()):
-        if p_tree.grad is not None:
-            assert_close_verbose(p_tree.grad, p_ref.grad, 1e-10, 1e-7, name=name)
+    _compare_grads(ref, tree, lambda got, want, name: assert_close_verbose(got, want, 1e-10, 1e-7, name=name))
 
 
 def test_partial_blocks_follow_the_documented_rule():
@@ -288,6 +300,19 @@ def test_gradient_check_is_relative_to_each_parameter():
     assert_close_verbose(bad, ref, 1e-5 * max(scale, 1.0), 1e-4, name="the old, absolute check")
     with pytest.raises(AssertionError, match=r"relative 2\.0+e-03"):
         _assert_scale_close(bad, ref, F32_GRAD, 0.0, "grad")
+
+
+def test_gradient_check_fails_on_nan_and_inf():
+    """``_assert_scale_close`` fails on one NaN or infinity in the result, and on NaN in both tensors."""
+    ref = torch.randn(5, 5, dtype=torch.float64)
+    for bad in (float("nan"), float("inf")):
+        got = ref.clone()
+        got[2, 3] = bad
+        with pytest.raises(AssertionError, match="finite in only one"):
+            _assert_scale_close(got, ref, 1e-8, 0.0, "grad")
+    nan = torch.full_like(ref, float("nan"))
+    with pytest.raises(AssertionError, match="relative nan"):
+        _assert_scale_close(nan, nan, 1e-8, 0.0, "grad")
 
 
 def _without_running_stats(model: AdaShareNet) -> AdaShareNet:

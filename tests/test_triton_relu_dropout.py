@@ -1,4 +1,5 @@
-"""Triton backend of ``fastshare::relu_dropout`` against the reference, bit for bit (masks, outputs, dx).
+"""Triton backend of ``fastshare::relu_dropout`` against the reference, bit for bit (masks, outputs, dx),
+and its scale 1 / (1 - p) at p = 0.1 and 0.9 without the reference.
 
 Compiled on a CUDA machine, else under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is
 imported, as in CI); without either the module is skipped, unless ``FASTSHARE_REQUIRE_BACKENDS`` names
@@ -23,7 +24,8 @@ from fastshare.kernels import relu_dropout as tk  # noqa: E402
 from fastshare.ops import relu_dropout, use_backend  # noqa: E402
 from fastshare.ops.relu_dropout import relu_dropout_backward_ref, relu_dropout_ref  # noqa: E402
 
-from test_relu_dropout import _special_input, assert_bitwise  # noqa: E402
+from test_relu_dropout import (_special_input, assert_bitwise,  # noqa: E402
+                               assert_scaled_by_one_over_keep_probability)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -73,6 +75,11 @@ def test_op_dispatches_to_triton_and_matches_reference_with_autograd():
     ref = relu_dropout(x_ref, 0.3, seed=77, offset=9, backend="reference")
     (gx_ref,) = torch.autograd.grad(ref, x_ref, torch.ones_like(ref))
     assert torch.equal(out, ref) and torch.equal(gx, gx_ref)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.9])
+def test_kept_elements_scaled_by_one_over_keep_probability(p):
+    assert_scaled_by_one_over_keep_probability("triton", p, DEVICE)
 
 
 def test_opcheck():

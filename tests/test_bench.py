@@ -80,6 +80,16 @@ def test_device_slug_and_commit():
     assert path.name.endswith("-2026-01-02.json") and path.parent.name == "results"
 
 
+def test_default_results_path_never_names_an_existing_file(tmp_path):
+    day = dt.date(2026, 1, 2)
+    first = bench.default_results_path("cpu", day, root=tmp_path)
+    first.write_text("{}")
+    second = bench.default_results_path("cpu", day, root=tmp_path)
+    assert second.name == first.name.replace(".json", "-2.json")
+    second.write_text("{}")
+    assert bench.default_results_path("cpu", day, root=tmp_path).name == first.name.replace(".json", "-3.json")
+
+
 def _inputs(dtype=torch.float32):
     return bench.gated_residual_inputs([6, 4, 5, 3], dtype, "cpu", segments=3)
 

@@ -99,9 +99,15 @@ def validate_results(doc: Mapping[str, Any]) -> list[str]:
 
 def default_results_path(device: torch.device | str, date: _dt.date | None = None,
                          root: Path = REPO_ROOT / "bench" / "results") -> Path:
-    """``bench/results/<device-slug>-<YYYY-MM-DD>.json``."""
+    """``bench/results/<device-slug>-<YYYY-MM-DD>.json``, or ``...-2.json``, ``-3``, ... when that file
+    exists: a second run on the same day must not replace the first one's results."""
     date = date or _dt.date.today()
-    return root / f"{device_slug(device)}-{date.isoformat()}.json"
+    path = root / f"{device_slug(device)}-{date.isoformat()}.json"
+    n = 2
+    while path.exists():
+        path = root / f"{device_slug(device)}-{date.isoformat()}-{n}.json"
+        n += 1
+    return path
 
 
 def write_results(path: Path | str, env: Mapping[str, Any], config: Mapping[str, Any],

@@ -147,8 +147,13 @@ def test_low_precision_error_at_most_twice_conv2d(h, w, d, dtype):
     2.4x with bfloat16 gradients accumulated in bfloat16. In norm, not max: the backward rounds each
     region's bfloat16 matmul before the float32 sum, so single elements reach up to 2.9x conv2d's max
     error (1.0x when those matmuls run in float32)."""
-    x, weight, b = _inputs(h, w, d, dtype=dtype, channels_last=True, c_in=32, c_out=24, seed=1)
-    grad = torch.randn(2, 24, h, w, generator=torch.Generator().manual_seed(9)).to(dtype)
+    _assert_error_at_most_twice_conv2d(h, w, d, dtype, "cpu")
+
+
+def _assert_error_at_most_twice_conv2d(h: int, w: int, d: int, dtype: torch.dtype, device: str) -> None:
+    x, weight, b = (t.to(device) for t in _inputs(h, w, d, dtype=dtype, channels_last=True, c_in=32, c_out=24,
+                                                  seed=1))
+    grad = torch.randn(2, 24, h, w, generator=torch.Generator().manual_seed(9)).to(device, dtype)
     leaves64 = [t.double().requires_grad_() for t in (x, weight, b)]
     out64 = F.conv2d(*leaves64, 1, d, d)
     want = [out64.detach(), *torch.autograd.grad(out64, leaves64, grad.double())]
@@ -388,6 +393,17 @@ def test_cuda_matches_padded_conv(dtype, channels_last, monkeypatch, empty_cache
         with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):  # cuDNN's own search
             pruned_conv3x3(*same_call, 12)
         assert len(empty_cache.split_choice_cache) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("h,w,d", [(41, 41, 24), (41, 41, 6), (16, 16, 12)])
+def test_cuda_error_at_most_twice_conv2d(h, w, d, dtype):
+    """The CPU rule on CUDA (cuBLAS matmuls against cuDNN's convolution), TF32 off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        _assert_error_at_most_twice_conv2d(h, w, d, dtype, "cuda")
 
 
 @pytest.mark.gpu

@@ -184,8 +184,10 @@ def _pad_skipped(policy: torch.Tensor, num_blocks: int) -> torch.Tensor:
 def argmax_policy(alpha: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
     """``(K, L)`` 0/1 policy: execute where ``alpha[..., 0] >= alpha[..., 1]``.
 
-    With ``num_blocks`` (L > Lp) the first ``L - Lp`` (always executed) blocks are prepended as 1.
+    With ``num_blocks`` (L > Lp) the first ``L - Lp`` (always executed) blocks are prepended as 1. NaN or
+    infinite logits raise ``ValueError`` (NaN would compare False: a silent all-skip policy).
     """
+    check_finite("policy logits", alpha.detach())
     policy = (alpha[..., 0] >= alpha[..., 1]).to(torch.float32)
     return _pad_skipped(policy, num_blocks) if num_blocks is not None else policy
 

@@ -30,6 +30,9 @@ def test_argmax_policy_and_padding():
     alpha = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [0.3, 0.3]]])
     assert policy.argmax_policy(alpha).tolist() == [[1.0, 0.0, 1.0]]
     assert policy.argmax_policy(alpha, num_blocks=5).tolist() == [[1.0, 1.0, 1.0, 0.0, 1.0]]
+    alpha[0, 1, 0] = float("nan")  # NaN >= x is False: would silently skip the block
+    with pytest.raises(ValueError, match=r"policy logits holds NaN or Inf \(first at index \[0, 1, 0\]\)"):
+        policy.argmax_policy(alpha)
 
 
 def test_sample_architectures_follows_softmax():

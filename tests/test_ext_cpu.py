@@ -124,8 +124,9 @@ def test_forward_backward(case, dtype, hard):
 def test_large(dtype, channels_last):
     shape, offsets = LARGE
     d, f, r, alpha, u, tau, seg = make_inputs(shape, offsets, dtype, seed=7, channels_last=channels_last)
-    check_forward(f, r, alpha, u, tau, False, seg)
-    check_backward(d, f, r, alpha, u, tau, True, seg)
+    for hard in (False, True):  # segments spanning several parallel chunks, in both gate modes
+        check_forward(f, r, alpha, u, tau, hard, seg)
+        check_backward(d, f, r, alpha, u, tau, hard, seg)
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])

@@ -138,6 +138,8 @@ def test_bfloat16_input_float32_parameters():
     assert out.dtype == torch.bfloat16 and rm.dtype == torch.float32
     _assert_close(out.float(), ref, 2e-2, "output")
     _assert_close(rm, rm_ref, 1e-5, "running_mean")
+    assert rv.dtype == torch.float32
+    _assert_close(rv, rv_ref, 1e-5, "running_var")
 
 
 @pytest.mark.parametrize("params", ["none", "bf16"])

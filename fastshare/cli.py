@@ -238,6 +238,15 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     return _run_trainer(args, args.source, ck, prepare)
 
 
+def _check_finite_logits(path: str, alpha: torch.Tensor) -> None:
+    """A policy read from a checkpoint: NaN/Inf logits (a diverged search) are the checkpoint's problem."""
+    from fastshare.train import CheckpointError
+
+    if not bool(torch.isfinite(alpha).all()):
+        raise CheckpointError(path, "its policy logits hold NaN or Inf (the search diverged): no policy to "
+                                    "read; use an earlier checkpoint of the run")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fastshare.train import CheckpointError, Trainer, evaluate, load_checkpoint
 
@@ -256,6 +265,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         policy = torch.tensor(state["policies"][arch], dtype=torch.float32)
         gates = trainer.net.gates("fixed", policy=policy)
     elif state["phase"] == "policy":
+        _check_finite_logits(args.checkpoint, trainer.net.logits.detach())
         policy = trainer.current_policy()
         gates = trainer.net.gates("fixed", policy=policy)
     else:
@@ -278,6 +288,7 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
     ck = load_checkpoint(args.checkpoint)
     st = ck["trainer"]
     alpha = torch.tensor(st["best_logits"]) if st.get("best_logits") else ck["model"]["logits"]
+    _check_finite_logits(args.checkpoint, alpha)
     tasks = ck["config"]["tasks"]
     probs = select_probability(alpha)
     lp = alpha.shape[1]

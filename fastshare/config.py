@@ -36,7 +36,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -379,21 +379,22 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is a :class:`ConfigError`
-    (PyYAML keeps the last value silently)."""
+    (PyYAML keeps the last value silently). Checked as each mapping is composed, before merge keys
+    (``<<: *base``, which may override) are flattened into it."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_line: dict[Any, int] = {}
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first_line: dict[tuple[str, str], int] = {}
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override keys: not a duplicate
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):  # a list or mapping as key: the base class reports it
-                continue
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge key, or a collection as key (the constructor reports that)
+            key = (key_node.tag, key_node.value)
             line = key_node.start_mark.line + 1
             if key in first_line:
-                raise ConfigError(f"duplicate key {key!r} at line {line} (first given at line {first_line[key]})")
+                raise ConfigError(f"duplicate key {key_node.value!r} at line {line} "
+                                  f"(first given at line {first_line[key]})")
             first_line[key] = line
-        return super().construct_mapping(node, deep)
+        return node
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Config:

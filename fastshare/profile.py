@@ -180,11 +180,16 @@ def profile_policy_step(model, x: torch.Tensor, stage: int | None, executor: str
                         warmup=warmup)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def _main(argv: list[str] | None = None) -> None:
@@ -198,7 +203,7 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image", type=_positive_int, default=128)
     parser.add_argument("--batch", type=_positive_int, default=4)
     parser.add_argument("--head-width", type=_positive_int, default=1024)
-    parser.add_argument("--timed-runs", type=int, default=0)
+    parser.add_argument("--timed-runs", type=_int_at_least(0), default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:

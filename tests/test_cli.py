@@ -135,6 +135,19 @@ def test_checkpoint_commands_take_the_validation_fraction_from_the_checkpoint():
     assert _run_options(args, ck).val_fraction == 0.2
 
 
+def test_policy_show_of_diverged_logits_is_a_one_line_error(tmp_path, capsys):
+    import torch
+
+    from fastshare.cli import main
+    from fastshare.train.checkpoint import FORMAT, VERSION, atomic_save
+
+    path = tmp_path / "nan.pth"
+    atomic_save({"format": FORMAT, "version": VERSION, "model": {"logits": torch.full((2, 3, 2), float("nan"))},
+                 "trainer": {"phase": "policy"}, "config": {"tasks": ["seg", "depth"]}}, path)
+    assert main(["policy", "show", "--checkpoint", str(path)]) == 2
+    assert "nan.pth: its policy logits hold NaN or Inf (the search diverged)" in capsys.readouterr().err
+
+
 def test_policy_show_out_must_be_a_png_path(tmp_path, capsys):
     from fastshare.cli import main
 

@@ -185,6 +185,16 @@ def test_duplicate_key_is_an_error_naming_key_and_line(tmp_path: Path):
         load_config(p)
 
 
+def test_merge_keys_may_override_without_being_duplicates():
+    """``<<: *base`` then an overriding key is YAML's way to derive a mapping, even when the anchored mapping
+    is itself merged elsewhere (PyYAML flattens it in place before constructing it)."""
+    from fastshare.config import _UniqueKeyLoader
+
+    doc = "a:\n  inner: &mid {<<: {x: 1, b: 2}, b: 3}\nc: {<<: *mid}\n"
+    assert yaml.load(doc, Loader=_UniqueKeyLoader) == yaml.safe_load(doc) == {"a": {"inner": {"x": 1, "b": 3}},
+                                                                                "c": {"x": 1, "b": 3}}
+
+
 def test_unreadable_config_file_is_a_config_error(tmp_path: Path):
     p = tmp_path / "latin1.yml"
     p.write_bytes("exp_name: caf\xe9\n".encode("latin-1"))

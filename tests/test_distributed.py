@@ -9,6 +9,7 @@ training code path.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -89,3 +90,36 @@ def test_two_ranks_match_one_process(tmp_path):
             assert err <= 1e-3 * scale + 1e-8, f"rank {rank} {k}: max diff {err:.3e}, largest update {scale:.3e}"
     assert not torch.equal(before["logits"], ref["logits"])  # the policy step did move the logits
     assert not torch.equal(before["backbone.conv1.weight"], ref["backbone.conv1.weight"])
+
+
+def _refusal_worker(rank, world, init_file, folders, out_dir):
+    """Rank 0 sees an earlier run's checkpoint in its folder, rank 1 (another disk) sees none."""
+    from types import SimpleNamespace
+
+    from fastshare.train import CheckpointError, RunOptions, Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        me = SimpleNamespace(opts=RunOptions(), ctx=DistContext(rank, world), checkpoint_dir=Path(folders[rank]))
+        try:
+            Trainer.refuse_to_overwrite(me, ("*.pth",), "test")
+            outcome = "went on"
+        except CheckpointError as exc:
+            outcome = f"refused: {exc}"
+        Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_refuses_what_rank_0_sees(tmp_path):
+    """Only rank 0 writes checkpoints, so rank 0 decides; a rank that went on would wait in the next
+    collective for ranks that raised."""
+    folders = [tmp_path / "rank0-disk", tmp_path / "rank1-disk"]
+    for f in folders:
+        f.mkdir()
+    (folders[0] / "latest.pth").write_bytes(b"an earlier run")
+    mp.spawn(_refusal_worker, args=(2, str(tmp_path / "init"), [str(f) for f in folders], str(tmp_path)),
+             nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith("refused: "), rank
+        assert "holds latest.pth of an earlier run" in (tmp_path / f"rank{rank}.txt").read_text()

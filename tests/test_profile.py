@@ -61,6 +61,7 @@ def test_cli_prints_summary(capsys):
     (["--stage", "0"], "argument --stage: must be >= 1, got 0"),
     (["--image", "0"], "argument --image: must be >= 1, got 0"),
     (["--head-width", "0"], "argument --head-width: must be >= 1, got 0"),
+    (["--timed-runs", "-1"], "argument --timed-runs: must be >= 0, got -1"),
     (["--device", "nonsense"], "--device 'nonsense'"),
     (["--stage", "9", "--image", "33", "--head-width", "4"], "--stage 9: resnet18 has 8 blocks"),
 ])

@@ -78,11 +78,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` where Linux has it; elsewhere by setting and
+    restoring it (``os.umask`` cannot only read: a file another thread creates in that instant gets 0o666)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)  # the restrictive one for that instant
+    os.umask(umask)
+    return umask
+
+
 def _new_file_mode() -> int:
     """The mode ``open()`` gives a new file: ``0o666`` less the process umask (``mkstemp`` gives ``0o600``)."""
-    umask = os.umask(0)  # reading the umask means setting it; restored at once
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_current_umask()
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:

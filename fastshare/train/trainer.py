@@ -535,8 +535,9 @@ class Trainer:
         iterations, counting search and re-training iterations: a simulated interruption."""
         budget = [math.inf if stop_after is None else int(stop_after)]
         if not self._owns_folder:
-            self.refuse_to_overwrite(("*.pth",), "a new run would replace them: continue it with "
-                                                 "`--resume <folder>/latest.pth`, or choose another exp_name")
+            self.refuse_to_overwrite(("*.pth",), "a new run would replace them: continue that run with "
+                                                 "`--resume` and its latest checkpoint, or choose another "
+                                                 "exp_name")
             self._owns_folder = True
         try:
             if self.state.phase in ("warmup", "policy"):
@@ -777,7 +778,14 @@ class Trainer:
         glob ``patterns`` (unless ``RunOptions.overwrite``): a run must not replace an earlier run's files."""
         if self.opts.overwrite:
             return
-        found = sorted({p.name for pattern in patterns for p in self.checkpoint_dir.glob(pattern)})
+        # Rank 0 writes the checkpoints, so rank 0 looks (the folder may be on its disk only) and every
+        # rank gets its answer: all raise together instead of some waiting in the next collective.
+        found = sorted({p.name for pattern in patterns for p in self.checkpoint_dir.glob(pattern)}
+                       if self.ctx.is_main else [])
+        if self.ctx.enabled:
+            shared = [found]
+            dist.broadcast_object_list(shared, src=0)
+            found = shared[0]
         if found:
             shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
             raise ckpt_io.CheckpointError(self.checkpoint_dir, f"holds {shown} of an earlier run; {what_to_do} "

@@ -44,7 +44,8 @@ def _round(v, OUT_BF16: tl.constexpr):
         bits = v.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         return tl.where(v != v, v.to(tl.bfloat16), rounded)  # a NaN stays NaN (its rounding could carry to inf)
-    return v
+    else:  # not a fall-through: compiled Triton (3.6) checks both returns' types even when OUT_BF16 is fixed
+        return v
 
 
 # seed and threshold are not specialised: Triton turns an int argument equal to 1 into a constexpr, on

@@ -7,14 +7,16 @@
 #   1. build the extension with CUDA       (pip install --no-build-isolation -e .)        <= 150 s
 #   2. steps, ResNet-34: policy (curriculum stage 1 and L), re-train, inference at 321x321, B=16, K=3;
 #      sequential vs batched/tree, fp32, tf32 and bf16 + channels_last, eager and graphed  <= 200 s
-#   3. op benchmarks: the issue-3 target shape [48,256,81,81], every op backend           <=  50 s
+#   3. GPU tests: the CUDA kernels and executors  (python -m pytest -m gpu tests/)          <=  90 s
 #   4. the ResNet-34 policy steps of 2 in fp32 and tf32 once more with cuDNN's algorithm search on
 #      (--cudnn-benchmark: a run of its own, cuDNN caches one plan per convolution)        <= 120 s
-#   5. GPU tests               (python -m pytest -m "gpu or triton" tests/: Triton compiled)  <= 110 s
-#   6. the heads' dilated 3x3 convolution split in bands vs padded (bench_pruned_conv.py)  <=  60 s
-#   7. steps, ResNet-18 (as 2)                                                             <= 130 s
-#   8. op benchmarks at the other ResNet activation shapes + gated blocks                  <=  90 s
-#   9. summary table printed last
+#   5. Triton tests compiled for the GPU (-m "triton and not gpu"), one fixed configuration
+#      per kernel (FASTSHARE_TRITON_AUTOTUNE=0: autotuning every test shape would not fit) <=  90 s
+#   6. op benchmarks: the issue-3 target shape [48,256,81,81], every op backend (autotuned) <=  50 s
+#   7. the heads' dilated 3x3 convolution split in bands vs padded (bench_pruned_conv.py)  <=  60 s
+#   8. steps, ResNet-18 (as 2)                                                             <= 130 s
+#   9. op benchmarks at the other ResNet activation shapes + gated blocks                  <=  90 s
+#  10. summary table printed last
 #
 # FASTSHARE_SUITE_ONLY="build steps-resnet34 ..." runs only the named steps (in this order).
 #
@@ -70,10 +72,13 @@ DAY=$(date +%F)
 SLUG=$(python3 -c "from fastshare.bench import device_slug; print(device_slug('cuda'))" 2>/dev/null || echo cuda)
 R="$OUT/$SLUG-$DAY"
 step steps-resnet34 200 python3 -m fastshare.bench --device cuda --filter step/resnet34/ --out "$R-steps-resnet34.json"
-step bench-target 50 python3 -m fastshare.bench --device cuda --filter gr/48x256x81x81 --out "$R-target.json"
+step tests-gpu 90 env FASTSHARE_REQUIRE_BACKENDS=cpu,cuda,triton python3 -m pytest -m gpu -q -rfE \
+    --durations=10 -p no:cacheprovider tests/
 step policy-cudnn-benchmark 120 python3 -m fastshare.bench --device cuda --cudnn-benchmark --precisions fp32,tf32 \
     --filter step/resnet34/policy --out "$R-policy-resnet34-cudnn-benchmark.json"
-step tests 110 env FASTSHARE_REQUIRE_BACKENDS=cpu,cuda,triton python3 -m pytest -m "gpu or triton" -q -p no:cacheprovider tests/
+step tests-triton 90 env FASTSHARE_REQUIRE_BACKENDS=cpu,cuda,triton FASTSHARE_TRITON_AUTOTUNE=0 python3 -m pytest \
+    -m "triton and not gpu" -q -rfE --durations=10 -p no:cacheprovider tests/
+step bench-target 50 python3 -m fastshare.bench --device cuda --filter gr/48x256x81x81 --out "$R-target.json"
 step bench-pruned-conv 60 python3 -m pytest bench/bench_pruned_conv.py --benchmark-only -s -q -p no:cacheprovider \
     --benchmark-json "$R-pruned-conv.json"
 step steps-resnet18 130 python3 -m fastshare.bench --device cuda --filter step/resnet18/ --out "$R-steps-resnet18.json"

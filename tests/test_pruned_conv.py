@@ -110,7 +110,7 @@ def _check_against_conv2d(x, weight, b, d, split, atol, rtol):
     elif split:  # the split's matmuls write pixel rows (split=None: whichever the timing chose)
         assert got.is_contiguous(memory_format=torch.channels_last)
     assert_close_verbose(got, ref, atol, rtol, "output")
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(ref.device)
     g_ref = torch.autograd.grad(ref, ref_leaves, grad)
     g_got = torch.autograd.grad(got, leaves, grad.to(x.dtype))
     for name, a, e in zip(("x", "weight", "bias"), g_got, g_ref):

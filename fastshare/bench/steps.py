@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -248,14 +249,33 @@ def run_step_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates"
     return results
 
 
+@contextlib.contextmanager
+def _oracle_settings() -> Iterator[None]:
+    """The float64 oracle: padded convolutions (the spec; no split timing for a dtype nobody times) and no
+    cuDNN algorithm search (under ``--cudnn-benchmark`` it would search every float64 convolution)."""
+    old = os.environ.get("FASTSHARE_CONV_SPLIT")
+    os.environ["FASTSHARE_CONV_SPLIT"] = "never"
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False,
+                                        deterministic=torch.backends.cudnn.deterministic,
+                                        allow_tf32=torch.backends.cudnn.allow_tf32):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTSHARE_CONV_SPLIT", None)
+        else:
+            os.environ["FASTSHARE_CONV_SPLIT"] = old
+
+
 def _run_step_group(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates", backbone: str, step: str,
                     group: str, variants: Sequence[StepVariant]) -> list[CaseResult]:
     sc = cfg.step
     models = {p: _step_model(sc, backbone, step, device, torch.float32, p, cfg.tau, cfg.hard)
               for p in {v.precision for v in variants} | {"fp32"}}
-    sm64 = _step_model(sc, backbone, step, device, torch.float64, "fp32", cfg.tau, cfg.hard)
-    oracle = _step_call(sm64, step, StepVariant("sequential"))
-    del sm64
+    with _oracle_settings():
+        sm64 = _step_model(sc, backbone, step, device, torch.float64, "fp32", cfg.tau, cfg.hard)
+        oracle = _step_call(sm64, step, StepVariant("sequential"))
+        del sm64
     labels = list(models["fp32"].model.tasks) if step == "inference" else [f"d{n}" for n in models["fp32"].names]
     refs = {p: _step_call(models[p], step, StepVariant("sequential", precision=p)) for p in models}
     runs: dict[StepVariant, Callable[[Any], object]] = {}

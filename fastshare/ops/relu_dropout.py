@@ -121,8 +121,9 @@ def relu_dropout_ref(x: torch.Tensor, seed: torch.Tensor | int, offset: int, p: 
         p: drop probability in ``[0, 1)``.
 
     Returns:
-        ``out = keep ? relu(x) / (1 - p) : 0`` in ``x``'s dtype (computed in float32, float64 for float64
-        ``x``, and rounded once) and ``mask = keep & (x > 0)`` (bool). Differentiable in ``x``: its autograd
+        ``out = keep ? relu(x) / (1 - p) : 0`` with ``relu(x) = x < 0 ? 0 : x`` (NaN and -0.0 kept) in
+        ``x``'s dtype (computed in float32, float64 for float64 ``x``, and rounded once) and
+        ``mask = keep & (x > 0)`` (bool). Differentiable in ``x``: its autograd
         gradient is ``mask ? grad / (1 - p) : 0`` (torch.relu's gradient is 0 at 0).
     """
     _check_p(p)
@@ -133,7 +134,10 @@ def relu_dropout_ref(x: torch.Tensor, seed: torch.Tensor | int, offset: int, p: 
     xc = x.reshape(-1).to(cdt)
     keep = dropout_keep_ref(xc.numel(), seed_t, offset, p, x.device)
     scale = torch.tensor(1.0 / (1.0 - p), dtype=cdt, device=x.device)
-    out = torch.where(keep, torch.relu(xc) * scale, 0.0).to(x.dtype)
+    # relu(x) = x < 0 ? 0 : x (keeps NaN and -0.0), as the kernels, not torch.relu, whose sign of zero is
+    # the device's (CUDA's max may return +0.0 for -0.0); its gradient, as torch.relu's, is 1 only for x > 0.
+    relu = torch.where(xc > 0, xc, torch.where(xc < 0, 0.0, xc).detach())
+    out = torch.where(keep, relu * scale, 0.0).to(x.dtype)
     mask = keep & (xc > 0)
     return out.reshape(x.shape), mask.reshape(x.shape)
 

@@ -249,11 +249,12 @@ def _check_finite_logits(path: str, alpha: torch.Tensor) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fastshare.train import CheckpointError, Trainer, evaluate, load_checkpoint
+    from fastshare.train.trainer import build_eval_split
 
     cfg = _load_cfg(args.config)
     ck = load_checkpoint(args.checkpoint)
     opts = _run_options(args, ck)
-    trainer = Trainer(cfg, opts)
+    trainer = Trainer(cfg, opts, datasets=build_eval_split(cfg, opts, int(cfg.seed[0]), args.split))
     trainer.load(args.checkpoint, ck)  # checks that the checkpoint is of this model, restores its state
     state = ck["trainer"]
     if state["phase"] == "retrain" and state["retrain_iter"] == 0:

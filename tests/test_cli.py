@@ -68,7 +68,7 @@ def test_demo_quick_then_policy_show(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_checkpoint_commands_take_the_model_options_from_the_checkpoint(tmp_path, capsys):
+def test_checkpoint_commands_take_the_model_options_from_the_checkpoint(tmp_path, capsys, monkeypatch):
     """eval / retrain / train --resume build the checkpoint's model (head width) without repeating the
     flag, and name the difference when the flags or the YAML describe another model."""
     import torch
@@ -86,6 +86,20 @@ def test_checkpoint_commands_take_the_model_options_from_the_checkpoint(tmp_path
     yml.write_text(cfg.to_yaml())
     assert main(["eval", "--config", str(yml), "--checkpoint", ckpt, "--eval-batches", "1", "--no-progress"]) == 0
     assert '"seg"' in capsys.readouterr().out
+    # The test split is evaluated without building (or having) any training data.
+    from fastshare.train import trainer as trainer_module
+
+    build = trainer_module._dataset
+
+    def test_split_only(cfg, opts, split, seed):
+        assert split == "test", f"eval --split test built the {split!r} split"
+        return build(cfg, opts, split, seed)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "_dataset", test_split_only)
+        assert main(["eval", "--config", str(yml), "--checkpoint", ckpt, "--split", "test", "--eval-batches", "1",
+                     "--no-progress"]) == 0
+    assert '"depth"' in capsys.readouterr().out
     # search_done.pth is the first architecture's re-training start: initial weights, nothing to evaluate.
     done = str(tmp_path / "ck" / "t" / "search_done.pth")
     assert main(["eval", "--config", str(yml), "--checkpoint", done, "--no-progress"]) == 2

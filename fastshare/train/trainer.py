@@ -247,6 +247,16 @@ def build_splits(cfg: Config, opts: RunOptions, seed: int) -> dict[str, torch.ut
     return out
 
 
+def build_eval_split(cfg: Config, opts: RunOptions, seed: int, split: str) -> dict[str, torch.utils.data.Dataset]:
+    """The data that evaluating ``split`` needs: ``test`` alone (a data root without training data, or
+    with too little for the validation hold-out, can still be evaluated), or for ``val`` every split
+    (:func:`build_splits`: the validation samples are held out of ``train``)."""
+    if split == "test":
+        check_tasks_provided(cfg)
+        return {"test": _dataset(cfg, opts, "test", seed)}
+    return build_splits(cfg, opts, seed)
+
+
 @torch.no_grad()
 def evaluate(model: AdaShareNet, dataset: torch.utils.data.Dataset, gates: Gates, tasks_num_class: Mapping[str, int],
              batch_size: int, device: torch.device, max_batches: int | None = None,
@@ -390,14 +400,15 @@ class Trainer:
         seed_everything(self.seed)
         # The data first: a configuration the data set cannot serve leaves no log folder behind.
         self.data = dict(datasets) if datasets is not None else build_splits(cfg, self.opts, self.seed)
-        self.seg_class_weights = _seg_class_weights(self.data["train"])
+        # Taskonomy's class weights come with the data root: any split has them (evaluation may build one).
+        self.seg_class_weights = _seg_class_weights(self.data.get("train") or next(iter(self.data.values())))
         self.log = _RunLog(Path(cfg.paths.log_dir) / cfg.exp_name if self.ctx.is_main else None,
                            self.opts.tensorboard)
         b = cfg.train.batch_size
         mk = dict(workers=cfg.workers, rank=self.ctx.rank, world_size=self.ctx.world_size,
                   pin_memory=self.device.type == "cuda")
         self.streams = {s: BatchStream(self.data[s], b, self.seed + i, **mk)
-                        for i, s in enumerate(("train", "train1", "train2"), start=11)}
+                        for i, s in enumerate(("train", "train1", "train2"), start=11) if s in self.data}
         self.gumbel = torch.Generator().manual_seed(self.seed + 1)
         self.state = _State()
         # Whether the checkpoint folder's files are this run's: after a first run() here, or load() of a
@@ -471,7 +482,8 @@ class Trainer:
         self.schedulers = {"weights": torch.optim.lr_scheduler.StepLR(self.optimizers["weights"], t.decay_lr_freq,
                                                                       t.decay_lr_rate)}
         self.scaler = self._new_scaler()
-        self.streams["train"].load_state_dict({"epoch": 0, "batch": 0})
+        if "train" in self.streams:  # absent when only an evaluation split was built
+            self.streams["train"].load_state_dict({"epoch": 0, "batch": 0})
 
     # --------------------------------------------------------------------------------------- schedule
 

@@ -19,17 +19,22 @@ def shape_str(shape: Sequence[int]) -> str:
 
 
 @contextlib.contextmanager
-def data_checks(enabled: bool) -> Iterator[None]:
-    """Set ``FASTSHARE_DATA_CHECKS`` (value checks that read tensors: one host sync each) for a block."""
-    old = os.environ.get("FASTSHARE_DATA_CHECKS")
-    os.environ["FASTSHARE_DATA_CHECKS"] = "1" if enabled else "0"
+def env_var(name: str, value: str) -> Iterator[None]:
+    """Set the environment variable ``name`` to ``value`` for a block; its previous state (or absence) after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("FASTSHARE_DATA_CHECKS", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["FASTSHARE_DATA_CHECKS"] = old
+            os.environ[name] = old
+
+
+def data_checks(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Set ``FASTSHARE_DATA_CHECKS`` (value checks that read tensors: one host sync each) for a block."""
+    return env_var("FASTSHARE_DATA_CHECKS", "1" if enabled else "0")
 
 
 def log(msg: str) -> None:

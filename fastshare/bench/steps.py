@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from fastshare.bench.common import backward_grads, data_checks, finish_ratios, log, record_timed
+from fastshare.bench.common import backward_grads, data_checks, env_var, finish_ratios, log, record_timed
 from fastshare.bench.config import SuiteConfig
 from fastshare.bench.op_cases import op_backends
 from fastshare.bench.prepass import ORACLE_FLOOR, PrepassError, check_oracle
@@ -253,18 +252,11 @@ def run_step_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates"
 def _oracle_settings() -> Iterator[None]:
     """The float64 oracle: padded convolutions (the spec; no split timing for a dtype nobody times) and no
     cuDNN algorithm search (under ``--cudnn-benchmark`` it would search every float64 convolution)."""
-    old = os.environ.get("FASTSHARE_CONV_SPLIT")
-    os.environ["FASTSHARE_CONV_SPLIT"] = "never"
-    try:
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False,
-                                        deterministic=torch.backends.cudnn.deterministic,
-                                        allow_tf32=torch.backends.cudnn.allow_tf32):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTSHARE_CONV_SPLIT", None)
-        else:
-            os.environ["FASTSHARE_CONV_SPLIT"] = old
+    with env_var("FASTSHARE_CONV_SPLIT", "never"), \
+            torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False,
+                                       deterministic=torch.backends.cudnn.deterministic,
+                                       allow_tf32=torch.backends.cudnn.allow_tf32):
+        yield
 
 
 def _run_step_group(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates", backbone: str, step: str,

@@ -39,7 +39,7 @@ from statistics import median
 import pytest
 import torch
 
-from conftest import STEP_GRAD_RTOL, STEP_OUTPUT_RTOL, check_prepass, dropout_off
+from conftest import check_step_variants
 from fastshare.bench.common import backward_grads
 from fastshare.bench.timing import Timed, interleaved_seconds
 from fastshare.executors import batched as batched_module
@@ -101,13 +101,7 @@ def _policy_step(setup, stage: int, variant: str) -> None:
 def test_policy_step(benchmark, setup, stage_of):
     backbone, model = setup[0], setup[1]
     stage = 1 if stage_of == "1" else model.num_blocks
-    with dropout_off(model):
-        out_ref, grads_ref = _forward_backward(setup, stage, "sequential")
-        for v in VARIANTS[1:]:
-            out, grads = _forward_backward(setup, stage, v)
-            check_prepass(f"{backbone} stage {stage} {v} output", out, out_ref, STEP_OUTPUT_RTOL)
-            check_prepass(f"{backbone} stage {stage} {v} gradient", grads, grads_ref, STEP_GRAD_RTOL)
-    del out_ref, grads_ref, out, grads
+    check_step_variants(f"{backbone} stage {stage}", model, lambda v: _forward_backward(setup, stage, v), VARIANTS)
     times = interleaved_seconds({v: Timed(lambda _, v=v: _policy_step(setup, stage, v)) for v in VARIANTS}, ROUNDS)
     base = median(times["sequential"])
     ratios = {v: median(t) / base for v, t in times.items() if v != "sequential"}

@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import STEP_GRAD_RTOL, STEP_OUTPUT_RTOL, check_prepass, dropout_off
+from conftest import check_step_variants
 from fastshare.bench.common import backward_grads
 from fastshare.bench.steps import nyu_example_policy
 from fastshare.bench.timing import Timed, interleaved_seconds
@@ -94,13 +94,7 @@ def _call(fn, setup, variant: str):
 def _record(benchmark, what: str, fn, setup, results) -> None:
     """Pre-pass with ``results`` (the step's outputs and gradients, dropout off), then time ``fn``."""
     variants = ["sequential", "tree"] + (["tree-plain-heads"] if tree_module._head_forward is not None else [])
-    with dropout_off(setup[0]):
-        out_ref, grads_ref = _call(results, setup, "sequential")
-        for v in variants[1:]:
-            out, grads = _call(results, setup, v)
-            check_prepass(f"{what} {v} output", out, out_ref, STEP_OUTPUT_RTOL)
-            check_prepass(f"{what} {v} gradient", grads, grads_ref, STEP_GRAD_RTOL)
-    del out_ref, grads_ref, out, grads
+    check_step_variants(what, setup[0], lambda v: _call(results, setup, v), variants)
     times = interleaved_seconds({v: Timed(lambda _, v=v: _call(fn, setup, v)) for v in variants}, ROUNDS)
     base = median(times["sequential"])
     ratios = {v: median(t) / base for v, t in times.items() if v != "sequential"}

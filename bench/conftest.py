@@ -4,7 +4,8 @@
 sees them). Fixtures: the device under test, its copy bandwidth and matmul rates measured once per session,
 and ``record``: after a timed run, it stores GB/s, % of copy bandwidth and TFLOP/s in
 ``benchmark.extra_info`` from pytest-benchmark's own median. Pre-pass helpers: :func:`check_prepass`
-(a fast path's results against the reference's before it is timed) and :func:`dropout_off`.
+(a fast path's results against the reference's before it is timed), :func:`check_step_variants` (whole
+steps) and :func:`dropout_off`.
 
 GPU timing: pytest-benchmark times with the host clock, so every timed function synchronizes the device
 before it returns (:func:`synced`).
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pytest
 import torch
@@ -119,6 +120,19 @@ def check_prepass(name: str, got: Mapping[str, torch.Tensor | None], want: Mappi
 #: execution (ReLU flips near 0, cancellation). A wrong path is off by O(1); exact equivalence is the tests'
 #: job, in float64.
 STEP_OUTPUT_RTOL, STEP_GRAD_RTOL = 1e-3, 5e-2
+
+
+def check_step_variants(what: str, model: torch.nn.Module, call: Callable[[str], tuple[Mapping, Mapping]],
+                        variants: Sequence[str]) -> None:
+    """Pre-pass of whole steps (bench_executors.py, bench_tree.py): ``call(variant)`` returns the step's
+    (outputs, gradients); with ``model``'s dropout off, each of ``variants[1:]`` against ``variants[0]``
+    within ``STEP_OUTPUT_RTOL`` / ``STEP_GRAD_RTOL`` (:func:`check_prepass`)."""
+    with dropout_off(model):
+        out_ref, grads_ref = call(variants[0])
+        for v in variants[1:]:
+            out, grads = call(v)
+            check_prepass(f"{what} {v} output", out, out_ref, STEP_OUTPUT_RTOL)
+            check_prepass(f"{what} {v} gradient", grads, grads_ref, STEP_GRAD_RTOL)
 
 
 @contextlib.contextmanager

@@ -261,7 +261,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CheckpointError(args.checkpoint, f"holds architecture {state['arch']} before its re-training (the "
                                                "initial weights, e.g. search_done.pth); evaluate best.pth or "
                                                "latest.pth of the search, or a checkpoint written while re-training")
-    if state["phase"] in ("retrain", "done") and state.get("policies"):
+    if state["phase"] in ("retrain", "done"):  # load_checkpoint checked that such a state has policies
         arch = min(state["arch"], len(state["policies"]) - 1)
         policy = torch.tensor(state["policies"][arch], dtype=torch.float32)
         gates = trainer.net.gates("fixed", policy=policy)

@@ -23,9 +23,14 @@ from fastshare.plan import Plan
 F64 = (1e-10, 1e-8)  # (atol, rtol) for float64 outputs
 F32_OUT = (1e-5, 1e-5)
 # Gradients: max|got - ref| <= rtol * max|ref| per parameter (the contract's 1e-4 in float32), with a floor
-# of GRAD_FLOOR x the largest gradient of the model for a parameter whose gradient is 0 up to rounding.
+# of GRAD_FLOOR[dtype] x the largest gradient of the model for a parameter whose gradient is 0 up to
+# rounding. Such a gradient is a sum of terms of the model's gradient scale that cancel exactly: with every
+# block skipped, a projection shortcut's BatchNorm output reaches only the next projection (a 1x1
+# convolution, then a training-mode BatchNorm, whose input gradient sums to 0 per channel), so its bias
+# gradient is rounding noise. On an H100 float32 left 5e-10 of the largest gradient on each side, beyond
+# the 1e-10 that a float32 floor of 1e-6 allows; 1e-4 allows 1e-8.
 F64_GRAD, F32_GRAD = 1e-8, 1e-4
-GRAD_FLOOR = 1e-6
+GRAD_FLOOR = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
 def _policy(case: str, k: int, l: int, seed: int) -> torch.Tensor:
@@ -137,9 +142,9 @@ def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, g
     for task in out_ref:
         assert_close_verbose(out_tree[task], out_ref[task], *out_tol, name=f"output {task}")
     assert_close_verbose(loss_tree, loss_ref, *out_tol, name="loss")
-    grad_scale = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
-    _compare_grads(ref, tree, lambda got, want, name: _assert_scale_close(got, want, grad_rtol,
-                                                                          GRAD_FLOOR * grad_scale, name))
+    grads = [p.grad for p in ref.parameters() if p.grad is not None]
+    floor = GRAD_FLOOR[grads[0].dtype] * max(float(g.abs().max()) for g in grads)
+    _compare_grads(ref, tree, lambda got, want, name: _assert_scale_close(got, want, grad_rtol, floor, name))
     if not train:
         return
     bb = tree.backbone

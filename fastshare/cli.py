@@ -248,19 +248,20 @@ def _check_finite_logits(path: str, alpha: torch.Tensor) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fastshare.train import CheckpointError, Trainer, evaluate, load_checkpoint
+    from fastshare.train import CheckpointError, Trainer, load_checkpoint
     from fastshare.train.trainer import build_eval_split
 
     cfg = _load_cfg(args.config)
-    ck = load_checkpoint(args.checkpoint)
-    opts = _run_options(args, ck)
-    trainer = Trainer(cfg, opts, datasets=build_eval_split(cfg, opts, int(cfg.seed[0]), args.split))
-    trainer.load(args.checkpoint, ck)  # checks that the checkpoint is of this model, restores its state
+    ck = load_checkpoint(args.checkpoint)  # checks that a re-training state has "arch" and "retrain_iter"
     state = ck["trainer"]
+    # Refused before any work (data, model, log folder): the checkpoint alone says it has nothing to evaluate.
     if state["phase"] == "retrain" and state["retrain_iter"] == 0:
         raise CheckpointError(args.checkpoint, f"holds architecture {state['arch']} before its re-training (the "
                                                "initial weights, e.g. search_done.pth); evaluate best.pth or "
                                                "latest.pth of the search, or a checkpoint written while re-training")
+    opts = _run_options(args, ck)
+    trainer = Trainer(cfg, opts, datasets=build_eval_split(cfg, opts, int(cfg.seed[0]), args.split))
+    trainer.load(args.checkpoint, ck)  # checks that the checkpoint is of this model, restores its state
     if state["phase"] in ("retrain", "done"):  # load_checkpoint checked that such a state has policies
         arch = min(state["arch"], len(state["policies"]) - 1)
         policy = torch.tensor(state["policies"][arch], dtype=torch.float32)
@@ -271,8 +272,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         gates = trainer.net.gates("fixed", policy=policy)
     else:
         gates = trainer.net.gates("full")
-    metrics = evaluate(trainer.net, trainer.data[args.split], gates, trainer.num_class, cfg.train.batch_size,
-                       trainer.device, opts.eval_batches, trainer._autocast(), trainer.seg_class_weights)
+    metrics = trainer._validate(gates, args.split)
     print(json.dumps(metrics, indent=1))
     return 0
 

@@ -20,8 +20,10 @@ from fastshare.plan import Plan
 __all__ = ["export", "compact_config"]
 
 
-def compact_config(model, plan: Plan) -> dict:
-    """The JSON-able :class:`CompactNet` config of ``model`` under ``plan`` (see ``CompactNet``'s docstring)."""
+def compact_config(model, plan: Plan, source_state: dict[str, torch.Tensor] | None = None) -> dict:
+    """The JSON-able :class:`CompactNet` config of ``model`` under ``plan`` (see ``CompactNet``'s docstring).
+
+    ``source_state``: ``_source_state(model, plan)`` when the caller has built it already; else built here."""
     bb = model.backbone
     blocks = []
     for l, (stage, b) in enumerate(bb.block_index):
@@ -34,7 +36,9 @@ def compact_config(model, plan: Plan) -> dict:
     if any(m.track_running_stats != track or (m.running_mean is not None) != track for m in bns):
         raise ValueError("export needs the same track_running_stats (with or without running-statistics "
                          "buffers) for every backbone BatchNorm")
-    frozen = [name for name, v in _source_state(model, plan).items()
+    if source_state is None:
+        source_state = _source_state(model, plan)
+    frozen = [name for name, v in source_state.items()
               if isinstance(v, torch.nn.Parameter) and not v.requires_grad]
     heads = [model.heads[t] for t in model.tasks]
     first = heads[0].branches()[0]
@@ -101,8 +105,9 @@ def export(model, policy: torch.Tensor | Plan | Sequence[Sequence[int]]) -> Comp
     # A plan's rows are matched to the model's tasks by name; a tensor's or a list's are in task order.
     rows = model.policy_tensor(policy) if isinstance(policy, Plan) else given.policy
     plan = Plan(rows, model.tasks)
+    source = _source_state(model, plan)
     with torch.device("meta"):
-        compact = CompactNet(compact_config(model, plan))
-    state = {k: v.detach().clone() for k, v in _source_state(model, plan).items()}
+        compact = CompactNet(compact_config(model, plan, source_state=source))
+    state = {k: v.detach().clone() for k, v in source.items()}
     compact.load_state_dict(state, strict=True, assign=True)
     return compact.eval()

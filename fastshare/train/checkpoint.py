@@ -12,8 +12,8 @@ A fastshare checkpoint is a ``torch.save`` dict::
 Everything in it is a tensor or a plain Python value (no pickled objects), so it loads with
 ``torch.load(..., weights_only=True)``.
 
-Atomic write: the file is written to a temporary file in the destination folder, flushed and fsync'ed,
-given the mode a new file gets (``0o666`` less the umask), then moved over the destination with
+Atomic write: the file is written to a temporary file in the destination folder, created with the mode a
+new file gets (``0o666`` less the umask), flushed and fsync'ed, then moved over the destination with
 ``os.replace`` (atomic on POSIX), and the folder is fsync'ed. A crash at any moment leaves either the old
 file or the new one, never a truncated one.
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -78,41 +78,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _current_umask() -> int:
-    """The process umask, read from ``/proc/self/status`` where Linux has it; elsewhere by setting and
-    restoring it (``os.umask`` cannot only read: a file another thread creates in that instant gets 0o666)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0o077)  # the restrictive one for that instant
-    os.umask(umask)
-    return umask
-
-
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: ``0o666`` less the process umask (``mkstemp`` gives ``0o600``)."""
-    return 0o666 & ~_current_umask()
-
-
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``).
 
-    The folder is created if missing; the file gets the mode of any new file (``0o666`` less the umask).
-    If saving fails, the temporary file is removed and any previous file at ``path`` is left untouched.
+    The folder is created if missing; the file gets the mode of any new file (``0o666`` less the umask,
+    applied by the OS when the temporary file is created). If saving fails, the temporary file is removed
+    and any previous file at ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A unique name in the destination folder (same file system, so os.replace is a rename); O_EXCL never
+    # opens an existing file.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -60,7 +60,7 @@ def check_tasks_provided(cfg: Config) -> None:
         if dl.dataset == "Synthetic":
             ok, want = n >= SyntheticScenes.NUM_SEG_CLASSES, f"at least {SyntheticScenes.NUM_SEG_CLASSES}"
         elif dl.dataset == "CityScapes":
-            ok, want = n in (2, 7, 19), "2, 7 or 19"
+            ok, want = n in CityScapes.SEG_CLASS_CHOICES, "2, 7 or 19"
         else:
             ok, want = n == classes[dl.dataset].NUM_SEG_CLASSES, str(classes[dl.dataset].NUM_SEG_CLASSES)
         if not ok:

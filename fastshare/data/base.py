@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fastshare.data.io import DataFileError, PathLike
+from fastshare.data.io import PathLike
 from fastshare.data.transforms import TRAIN_SPLITS
 
 
@@ -18,10 +18,9 @@ class SplitFileDataset(torch.utils.data.Dataset):
     Args:
         root: data root.
         split: split name (``train``, ``train1``, ``train2``, ``test``, ...).
-        groups: the split's file groups, each of ``len(fields)`` paths; none is an error
-            (:class:`~fastshare.data.io.DataFileError` naming ``split_file``, else ``ValueError``).
+        groups: the split's file groups, each of ``len(fields)`` paths; none is a ``ValueError`` (groups
+            read by :func:`~fastshare.data.io.read_split_file` are never empty: it raises first).
         fields: the name of each path in a group, for error messages.
-        split_file: the JSON file the groups were read from (None: given by the caller), for error messages.
         crop_h, crop_w: both or neither; None keeps ``default_crop``.
         default_crop: crop size when none is given (None: no crop).
         augment: random scale, flip and crop; None: on for the training splits.
@@ -29,15 +28,13 @@ class SplitFileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: PathLike, split: str, groups: Sequence[Sequence[str]], fields: Sequence[str],
-                 split_file: PathLike | None, crop_h: int | None, crop_w: int | None,
+                 crop_h: int | None, crop_w: int | None,
                  default_crop: tuple[int, int] | None, augment: bool | None,
                  generator: torch.Generator | None) -> None:
         self.root = Path(root)
         self.split = split
         if not groups:  # a run would fail only at its end, when it first evaluates the split
-            if split_file is None:
-                raise ValueError(f"{type(self).__name__}: split {split!r} of the given splits has no samples")
-            raise DataFileError(split_file, f"split {split!r} has no samples")
+            raise ValueError(f"{type(self).__name__}: split {split!r} of the given splits has no samples")
         for g in groups:
             if len(g) != len(fields):
                 raise ValueError(f"{type(self).__name__} entries are [{', '.join(fields)}]; got {list(g)!r}")

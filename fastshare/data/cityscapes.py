@@ -48,6 +48,8 @@ class CityScapes(SplitFileDataset):
     """
 
     TASKS: tuple[str, ...] = ("seg", "depth")
+    #: The numbers of segmentation classes stored (one label file each): ``num_class`` must be one of them.
+    SEG_CLASS_CHOICES: tuple[int, ...] = tuple(_LABEL_COLUMN)
 
     def __init__(
         self,
@@ -67,7 +69,7 @@ class CityScapes(SplitFileDataset):
             raise ValueError(f"CityScapes supports 2, 7 or 19 classes, got {num_class}")
         self.num_class = num_class
         super().__init__(root, split, read_split_file(Path(root), SPLIT_FILE, split),
-                         ("img", "depth", "label2", "label7", "label19"), Path(root) / SPLIT_FILE, crop_h, crop_w,
+                         ("img", "depth", "label2", "label7", "label19"), crop_h, crop_w,
                          (128, 256) if small_res else (256, 512), augment, generator)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

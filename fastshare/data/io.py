@@ -86,6 +86,8 @@ def check_numeric(path: PathLike, arr: np.ndarray, *, floating: bool = False) ->
     kinds, expected = ("f", "floating-point") if floating else ("iuf", "integer or floating-point")
     if arr.dtype.kind not in kinds:
         raise DataFileError(path, f"expected {expected} values, got dtype {arr.dtype}")
+    if arr.dtype.kind != "f":  # integers are always finite; skip the scan (it runs per label map)
+        return
     non_finite = arr.size - int(np.isfinite(arr).sum())
     if non_finite:
         raise DataFileError(path, f"{non_finite} value(s) are NaN or infinite")
@@ -111,8 +113,8 @@ def read_depth_npy(path: PathLike) -> np.ndarray:
 def read_split_file(root: PathLike, name: str, split: str) -> list[list[str]]:
     """Read ``root/name`` (a JSON object mapping split names to lists of relative-path groups).
 
-    Returns the groups of ``split``; raises :class:`DataFileError` if the file is missing or malformed,
-    and ``KeyError`` naming the available splits if ``split`` is absent.
+    Returns the groups of ``split``; raises :class:`DataFileError` if the file is missing or malformed or
+    ``split`` has no samples, and ``KeyError`` naming the available splits if ``split`` is absent.
     """
     path = Path(root) / name
     if not path.is_file():
@@ -132,4 +134,6 @@ def read_split_file(root: PathLike, name: str, split: str) -> list[list[str]]:
     )
     if not well_formed:
         raise DataFileError(path, f"split {split!r} must be a list of lists of path strings")
+    if not groups:  # a run would fail only at its end, when it first evaluates the split
+        raise DataFileError(path, f"split {split!r} has no samples")
     return groups

@@ -110,13 +110,13 @@ class NYUv2(SplitFileDataset):
         generator: torch.Generator | None = None,
     ) -> None:
         if splits is None:
-            split_file, groups = Path(root) / SPLIT_FILE, read_split_file(Path(root), SPLIT_FILE, split)
+            groups = read_split_file(Path(root), SPLIT_FILE, split)
         elif split in splits:
-            split_file, groups = None, splits[split]
+            groups = splits[split]
         else:
             raise KeyError(f"split {split!r} not in the given splits; available: {sorted(splits)}")
-        super().__init__(root, split, groups, ("img", "seg", "normal", "depth"), split_file, crop_h, crop_w, None,
-                         augment, generator)
+        super().__init__(root, split, groups, ("img", "seg", "normal", "depth"), crop_h, crop_w, None, augment,
+                         generator)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         img_p, seg_p, normal_p, depth_p = (self.root / p for p in self.groups[index])

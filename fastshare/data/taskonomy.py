@@ -100,7 +100,7 @@ class Taskonomy(SplitFileDataset):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(root, split, read_split_file(Path(root), SPLIT_FILE, split),
-                         ("img", "seg", "normal", "depth", "keypoint", "edge"), Path(root) / SPLIT_FILE, crop_h, crop_w,
+                         ("img", "seg", "normal", "depth", "keypoint", "edge"), crop_h, crop_w,
                          BASE_SIZE, augment, generator)
         self.unlabelled_as_ignore = unlabelled_as_ignore
         prior = self.root / PRIOR_FILE

@@ -25,9 +25,14 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["Plan", "PlanNode"]
+__all__ = ["Plan", "PlanNode", "default_task_names"]
 
 PLAN_FORMAT = 1
+
+
+def default_task_names(num_tasks: int) -> tuple[str, ...]:
+    """The names of a plan's tasks when none are given: ``task0, task1, ...``."""
+    return tuple(f"task{k}" for k in range(num_tasks))
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class Plan:
         self.num_tasks = len(self.policy)
         self.num_blocks = len(self.policy[0])
         if task_names is None:
-            task_names = tuple(f"task{k}" for k in range(self.num_tasks))
+            task_names = default_task_names(self.num_tasks)
         self.task_names = tuple(str(t) for t in task_names)
         if len(self.task_names) != self.num_tasks:
             raise ValueError(f"{len(self.task_names)} task names for a policy of {self.num_tasks} tasks")

@@ -52,6 +52,12 @@ def resolve(name: str, gates) -> str:
     return "sequential"
 
 
+def uses_batch_stats(m: torch.nn.Module) -> bool:
+    """Whether the BatchNorm ``m`` normalises with batch statistics: training mode, or no running statistics
+    (``track_running_stats=False``) in either mode."""
+    return m.training or m.running_mean is None
+
+
 def check_batch_norms(module: torch.nn.Module, executor: str, supported: tuple[type, ...], why: str,
                       prefix: str = "backbone") -> None:
     """Raise ``TypeError`` naming the first BatchNorm under ``module`` that normalises with batch statistics
@@ -66,8 +72,7 @@ def check_batch_norms(module: torch.nn.Module, executor: str, supported: tuple[t
     from torch.nn.modules.batchnorm import _BatchNorm
 
     for name, m in module.named_modules(prefix=prefix):
-        if (isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
-                and not isinstance(m, supported)):
+        if isinstance(m, _BatchNorm) and uses_batch_stats(m) and not isinstance(m, supported):
             allowed = " or ".join(c.__name__ for c in supported)
             raise TypeError(
                 f"the {executor} executor needs {allowed} for every backbone BatchNorm that uses batch "

@@ -51,9 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastshare.executors import check_batch_norms, register
+from fastshare.executors import check_batch_norms, register, uses_batch_stats
 from fastshare.model.backbone import BasicBlock, Bottleneck
-from fastshare.plan import Plan
+from fastshare.plan import Plan, default_task_names
 from fastshare.policy import FIXED, FORCED, Gates
 
 try:  # the fast ASPP forward (fastshare/model/fast_heads.py), where that module is part of the build
@@ -87,7 +87,7 @@ def plan_for_gates(gates: Gates, task_names: tuple[str, ...] | None = None) -> P
     values = gates.policy_rows
     rows = tuple(tuple(1 if kind == FORCED else int(values[k][l] != 0) for l, kind in enumerate(gates.kinds))
                  for k in range(gates.num_tasks))
-    names = task_names if task_names is not None else tuple(f"task{k}" for k in range(gates.num_tasks))
+    names = task_names if task_names is not None else default_task_names(gates.num_tasks)
     return _cached_plan(rows, tuple(names))
 
 
@@ -102,7 +102,7 @@ def _norm(bn: nn.BatchNorm2d, x: torch.Tensor, tasks: tuple[int, ...] | list[tup
     The batch mean and unbiased variance come out of ``F.batch_norm`` itself: with fresh buffers (0, 1)
     and momentum 1, its running-statistics update writes exactly ``mean`` and ``var * N / (N - 1)``.
     """
-    if not bn.training and bn.running_mean is not None:  # running statistics: per-channel affine map
+    if not uses_batch_stats(bn):  # running statistics: per-channel affine map
         return bn(x)
     if rows is not None:
         return torch.cat([_norm(bn, part, t, pending) for part, t in zip(x.split(rows, 0), tasks)], 0)
@@ -156,7 +156,7 @@ def _projection(ds: nn.Sequential, x: torch.Tensor, tasks, pending: _Pending,
 
 def _stackable(module: nn.Module) -> bool:
     """Whether rows of different inputs may share one call: every BatchNorm uses its running statistics."""
-    return all(not m.training and m.running_mean is not None
+    return all(not uses_batch_stats(m)
                for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 

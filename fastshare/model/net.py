@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from fastshare.model.backbone import DeeplabResNet, deeplab_resnet
 from fastshare.model.heads import ASPPHead
-from fastshare.plan import Plan
+from fastshare.plan import Plan, default_task_names
 from fastshare.policy import Gates
 
 INIT_METHODS = ("equal", "random", "all_chosen")
@@ -117,13 +117,12 @@ class AdaShareNet(nn.Module):
         if isinstance(policy, Plan):
             names = tuple(policy.task_names)
             if len(names) == self.num_tasks and sorted(names) == sorted(self.tasks):
-                rows = [policy.policy[names.index(t)] for t in self.tasks]
-            elif names == tuple(f"task{k}" for k in range(policy.num_tasks)):
-                rows = list(policy.policy)  # a plan built without names: positional
+                tensor = policy.policy_tensor()[[names.index(t) for t in self.tasks]]
+            elif names == default_task_names(policy.num_tasks):
+                tensor = policy.policy_tensor()  # a plan built without names: positional
             else:
                 raise ValueError(f"the plan is for tasks {', '.join(names)}, the model has "
                                  f"{', '.join(self.tasks)}")
-            tensor = torch.tensor(rows, dtype=torch.float32)
         elif isinstance(policy, torch.Tensor):
             tensor = policy
         elif isinstance(policy, (list, tuple)):

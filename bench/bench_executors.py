@@ -39,11 +39,9 @@ from statistics import median
 import pytest
 import torch
 
-from conftest import check_step_variants
-from fastshare.bench.common import backward_grads
+from conftest import check_step_variants, step_results
 from fastshare.bench.timing import Timed, interleaved_seconds
 from fastshare.executors import batched as batched_module
-from fastshare.losses import task_loss
 from fastshare.model import AdaShareNet
 
 ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "5"))
@@ -85,9 +83,7 @@ def _forward_backward(setup, stage: int, variant: str
         out = model(inp, gates, executor=executor)
     finally:
         batched_module._head = head
-    names, params = zip(*model.named_parameters())
-    grads = backward_grads(sum(task_loss(t, out[t], targets[t]) for t in model.tasks), params)
-    return {t: o.detach() for t, o in out.items()}, dict(zip(names, grads))
+    return step_results(model, out, targets)
 
 
 def _policy_step(setup, stage: int, variant: str) -> None:

@@ -44,7 +44,6 @@ from fastshare.bench.timing import Timed, interleaved_seconds, quantile
 from fastshare.model import fast_heads
 from fastshare.model.heads import ASPPHead
 from fastshare.ops import relu_dropout
-from fastshare.ops.relu_dropout import relu_dropout_ref
 
 ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "7"))
 B, C_IN, SIZE, WIDTH, CLASSES, P = 4, 512, 16, 1024, 40, 0.5
@@ -58,16 +57,11 @@ def _two_pass(t: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(t, p, True) if p > 0 else t
 
 
-def _reference(t: torch.Tensor, p: float) -> torch.Tensor:
-    """The fused op's reference, ``relu_dropout_ref``, seeded as the op seeds itself (``torch.randint``
-    from the default generator, offset 0): under one ``torch.manual_seed``, the fused variant's masks."""
-    if p == 0:
-        return torch.relu(t)
-    return relu_dropout_ref(t, torch.randint(0, 1 << 32, (), dtype=torch.int64), 0, p)[0]
-
-
-#: ReLU + dropout ``(t, p) -> out`` of each variant (``reference``: the pre-pass's yardstick).
-RELU_DROPOUT = {"fused": lambda t, p: relu_dropout(t, p, True), "two-pass": _two_pass, "reference": _reference}
+#: ReLU + dropout ``(t, p) -> out`` of each variant (``reference``: the pre-pass's yardstick, the op on its
+#: reference backend, ``relu_dropout_ref``, which draws its seed as the fused variant does: under one
+#: ``torch.manual_seed``, the same masks).
+RELU_DROPOUT = {"fused": lambda t, p: relu_dropout(t, p, True), "two-pass": _two_pass,
+                "reference": lambda t, p: relu_dropout(t, p, True, backend="reference")}
 
 
 @contextlib.contextmanager

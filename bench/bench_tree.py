@@ -31,12 +31,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import check_step_variants
-from fastshare.bench.common import backward_grads
+from conftest import check_step_variants, step_results
 from fastshare.bench.steps import nyu_example_policy
 from fastshare.bench.timing import Timed, interleaved_seconds
 from fastshare.executors import tree as tree_module
-from fastshare.losses import task_loss
 from fastshare.model import AdaShareNet
 
 ROUNDS = int(os.environ.get("FASTSHARE_BENCH_ROUNDS", "5"))
@@ -61,10 +59,7 @@ def setup():
 def _forward_backward(setup, executor: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
     """Forward and backward of the re-train step (no optimiser step): task outputs and parameter gradients."""
     model, x, targets, gates, _ = setup
-    out = model(x, gates, executor=executor)
-    names, params = zip(*model.named_parameters())
-    grads = backward_grads(sum(task_loss(t, out[t], targets[t]) for t in model.tasks), params)
-    return {t: o.detach() for t, o in out.items()}, dict(zip(names, grads))
+    return step_results(model, model(x, gates, executor=executor), targets)
 
 
 def _retrain_step(setup, executor: str) -> None:

@@ -5,7 +5,7 @@ sees them). Fixtures: the device under test, its copy bandwidth and matmul rates
 and ``record``: after a timed run, it stores GB/s, % of copy bandwidth and TFLOP/s in
 ``benchmark.extra_info`` from pytest-benchmark's own median. Pre-pass helpers: :func:`check_prepass`
 (a fast path's results against the reference's before it is timed), :func:`check_step_variants` (whole
-steps) and :func:`dropout_off`.
+steps; :func:`step_results`: a step's outputs and gradients) and :func:`dropout_off`.
 
 GPU timing: pytest-benchmark times with the host clock, so every timed function synchronizes the device
 before it returns (:func:`synced`).
@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pytest
 import torch
 
+from fastshare.bench.common import backward_grads
 from fastshare.bench.config import SuiteConfig, suite_config
-from fastshare.bench.prepass import PrepassError, rel_error
+from fastshare.bench.prepass import PrepassError, check_relative
 from fastshare.bench.rates import MatmulRates, gbps, measure_copy_bandwidth
+from fastshare.losses import task_loss
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
@@ -101,16 +103,7 @@ def check_prepass(name: str, got: Mapping[str, torch.Tensor | None], want: Mappi
     if set(got) != set(want):
         raise PrepassError(f"{name}: the names of the results differ from the reference's")
     for key, ref in want.items():
-        a = got[key]
-        if a is None or ref is None or not bool(ref.any()):
-            if any(t is not None and bool(t.any()) for t in (a, ref)):
-                raise PrepassError(f"{name}: {key}: missing or zero on one side only")
-            continue
-        if a.shape != ref.shape:
-            raise PrepassError(f"{name}: {key}: shape {tuple(a.shape)} != reference {tuple(ref.shape)}")
-        err = rel_error(a, ref)
-        if not err <= rtol:
-            raise PrepassError(f"{name}: {key}: relative error {err:.3e} from the reference > {rtol:.0e}")
+        check_relative(f"{name}: {key}", got[key], ref, rtol)
 
 
 #: Pre-pass tolerances of a whole float32 step (bench_executors.py, bench_tree.py): relative error, in norm,
@@ -120,6 +113,16 @@ def check_prepass(name: str, got: Mapping[str, torch.Tensor | None], want: Mappi
 #: execution (ReLU flips near 0, cancellation). A wrong path is off by O(1); exact equivalence is the tests'
 #: job, in float64.
 STEP_OUTPUT_RTOL, STEP_GRAD_RTOL = 1e-3, 5e-2
+
+
+def step_results(model: torch.nn.Module, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """The end of a step's forward and backward (bench_executors.py, bench_tree.py): the sum of the task
+    losses of ``out`` backward into ``model``'s parameters; returns the task outputs (detached) and each
+    parameter's gradient by name."""
+    names, params = zip(*model.named_parameters())
+    grads = backward_grads(sum(task_loss(t, out[t], targets[t]) for t in model.tasks), params)
+    return {t: o.detach() for t, o in out.items()}, dict(zip(names, grads))
 
 
 def check_step_variants(what: str, model: torch.nn.Module, call: Callable[[str], tuple[Mapping, Mapping]],

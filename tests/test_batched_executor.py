@@ -25,7 +25,7 @@ from fastshare.model.fast_heads import aspp_head_forward
 from fastshare.model.heads import ASPPHead
 from fastshare.policy import Gates
 
-from conftest import record_split_conv_calls
+from conftest import assert_scale_close, compare_grads, plain_batch_norms, record_split_conv_calls
 
 CLASSES = (3, 2, 1, 4, 2)
 IMAGE = 33
@@ -47,28 +47,6 @@ def _loss(outputs: dict[str, torch.Tensor], model: AdaShareNet) -> torch.Tensor:
     total = sum((i + 1) * (out.float() if out.dtype == torch.bfloat16 else out).pow(2).mean()
                 for i, out in enumerate(outputs.values()))
     return total + 0.1 * model.logits.pow(2).sum()
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
-    return float((a.double() - b.double()).abs().max()) / scale
-
-
-def _check(name: str, ref: torch.Tensor, got: torch.Tensor, rtol: float, floor: float = 0.0) -> None:
-    """``max|got - ref| <= rtol * max(max|ref|, floor)``, naming the tensor and the worst index. Any NaN
-    or infinity fails (named as such where only one of the two tensors has it)."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert got.dtype == ref.dtype, f"{name}: dtype {got.dtype} != {ref.dtype}"
-    ref, got = ref.detach(), got.detach()
-    finite_ref, finite_got = torch.isfinite(ref), torch.isfinite(got)
-    if not torch.equal(finite_ref, finite_got):
-        pytest.fail(f"{name}: {int((finite_ref != finite_got).sum())} elements finite in only one of result "
-                    f"and reference")
-    scale = max(float(ref.double().abs().max()) if ref.numel() else 0.0, floor, 1e-300)
-    err = _rel_err(ref, got, scale)
-    if not err <= rtol:
-        worst = int((ref.double() - got.double()).abs().argmax())
-        pytest.fail(f"{name}: relative error {err:.3e} > {rtol:.1e} (scale {scale:.3e}, worst flat index {worst}: "
-                    f"ref {ref.flatten()[worst].item():.6e} got {got.flatten()[worst].item():.6e})")
 
 
 def _gates(model: AdaShareNet, mode: str, stage: int | None, hard: bool, u: torch.Tensor | None,
@@ -100,9 +78,9 @@ def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample",
         out_fast = fast(x, _gates(fast, mode, stage, hard, u, policy), executor="batched")
         assert list(out_fast) == list(out_ref)
         for task in out_ref:
-            _check(f"step {step} output {task}", out_ref[task], out_fast[task], out_rtol)
+            assert_scale_close(out_fast[task], out_ref[task], out_rtol, name=f"step {step} output {task}")
         loss_ref, loss_fast = _loss(out_ref, ref), _loss(out_fast, fast)
-        _check(f"step {step} loss", loss_ref.detach(), loss_fast.detach(), out_rtol)
+        assert_scale_close(loss_fast.detach(), loss_ref.detach(), out_rtol, name=f"step {step} loss")
         opt_ref.zero_grad(set_to_none=True)
         opt_fast.zero_grad(set_to_none=True)
         loss_ref.backward()
@@ -114,7 +92,8 @@ def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample",
             assert (g_ref is None) == (p_fast.grad is None), f"step {step} {name}: grad presence differs"
             if g_ref is not None:
                 # Floor: a gradient that is 0 up to rounding in the reference is compared absolutely.
-                _check(f"step {step} grad {name}", g_ref, p_fast.grad, grad_rtol, floor=grad_floor * grad_scale)
+                assert_scale_close(p_fast.grad, g_ref, grad_rtol, grad_floor * grad_scale,
+                                   name=f"step {step} grad {name}")
         opt_ref.step()
         opt_fast.step()
         bufs_ref = dict(ref.named_buffers())
@@ -124,24 +103,12 @@ def _compare_steps(ref: AdaShareNet, fast: AdaShareNet, *, mode: str = "sample",
                                                            f"{int(bufs_ref[name])}"
             else:
                 # Floor: running means that are 0 up to rounding are compared absolutely.
-                _check(f"step {step} buffer {name}", bufs_ref[name], b_fast, out_rtol, floor=1e-4)
+                assert_scale_close(b_fast, bufs_ref[name], out_rtol, 1e-4, name=f"step {step} buffer {name}")
 
 
 def _pair(backbone: str, k: int, dtype: torch.dtype) -> tuple[AdaShareNet, AdaShareNet]:
     ref = _make_model(backbone, k, dtype)
     return ref, copy.deepcopy(ref)
-
-
-def test_check_fails_on_nan_and_inf():
-    """``_check`` fails on one NaN or infinity in the result, and on NaN in both tensors."""
-    ref = torch.randn(5, 5, dtype=torch.float64)
-    for bad in (float("nan"), float("inf")):
-        got = ref.clone()
-        got[2, 3] = bad
-        with pytest.raises(pytest.fail.Exception, match="finite in only one"):
-            _check("t", ref, got, 1e-10)
-    with pytest.raises(pytest.fail.Exception, match="relative error nan"):
-        _check("t", torch.full_like(ref, float("nan")), torch.full_like(ref, float("nan")), 1e-10)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,9 +255,9 @@ def test_bf16_autocast_close_to_float32_reference(stage, hard):
     loss_seq.backward()
     for task in out_ref:
         assert out_fast[task].dtype == torch.bfloat16
-        _check(f"bf16 output {task}", out_ref[task], out_fast[task].float(), 5e-2)
-    _check("bf16 loss", loss_ref.detach(), loss.detach(), 2e-2)
-    _check("bf16 logit grad", ref.logits.grad, fast.logits.grad, 1e-2)
+        assert_scale_close(out_fast[task].float(), out_ref[task], 5e-2, name=f"bf16 output {task}")
+    assert_scale_close(loss.detach(), loss_ref.detach(), 2e-2, name="bf16 loss")
+    assert_scale_close(fast.logits.grad, ref.logits.grad, 1e-2, name="bf16 logit grad")
     for (name, p_ref), p_fast, p_seq in zip(ref.named_parameters(), fast.parameters(), seq.parameters()):
         assert (p_ref.grad is None) == (p_fast.grad is None), f"{name}: grad presence differs"
         if p_ref.grad is None:
@@ -333,13 +300,13 @@ def test_fast_aspp_head_matches_module(size, split, monkeypatch):
     ref = head(x)
     got = aspp_head_forward(head, x)
     assert got.is_contiguous()
-    _check("head output", ref, got, 1e-12)
+    assert_scale_close(got, ref, 1e-12, name="head output")
     grad = torch.randn_like(ref)
     params = [x] + list(head.parameters())
     g_ref = torch.autograd.grad(ref, params, grad)
     g_got = torch.autograd.grad(got, params, grad)
     for (name, _), a, b in zip([("x", None)] + list(head.named_parameters()), g_ref, g_got):
-        _check(f"head grad {name}", a, b, 1e-11)
+        assert_scale_close(b, a, 1e-11, name=f"head grad {name}")
 
 
 @pytest.mark.parametrize("stage", [1, None], ids=["stage1", "stageL"])
@@ -364,7 +331,7 @@ def test_channels_last_input_and_state_dict_unchanged():
     out_fast = fast(x.contiguous(memory_format=torch.channels_last),
                     fast.gates("sample", tau=1.0, hard=True, u=u), executor="batched")
     for task in out_ref:
-        _check(task, out_ref[task], out_fast[task], 1e-10)
+        assert_scale_close(out_fast[task], out_ref[task], 1e-10, name=task)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,11 +353,11 @@ def test_fast_head_follows_the_dropout_modules_training_flag(size):
     x = torch.randn(2, 24, *size, dtype=torch.float64, requires_grad=True)
     ref = head(x)  # no dropout: every nn.Dropout is in eval mode
     got = aspp_head_forward(head, x)
-    _check("head output", ref, got, 1e-12)
+    assert_scale_close(got, ref, 1e-12, name="head output")
     grad = torch.randn_like(ref)
     params = [x] + list(head.parameters())
     for a, b in zip(torch.autograd.grad(ref, params, grad), torch.autograd.grad(got, params, grad)):
-        _check("head grad", a, b, 1e-11)
+        assert_scale_close(b, a, 1e-11, name="head grad")
 
 
 @pytest.mark.parametrize("size,dropped", [((5, 5), 0), ((9, 9), 1)], ids=["all-1x1", "dilated-and-1x1"])
@@ -408,11 +375,11 @@ def test_fast_head_uses_each_branch_dropout_p(size, dropped):
     x = torch.randn(2, 24, *size, dtype=torch.float64, requires_grad=True)
     ref = head(x)
     got = aspp_head_forward(head, x)
-    _check("head output", ref, got, 1e-12)
+    assert_scale_close(got, ref, 1e-12, name="head output")
     grad = torch.randn_like(ref)
     params = [x] + [p for j, b in enumerate(head.branches()) if j != dropped for p in b.parameters()]
     for a, b in zip(torch.autograd.grad(ref, params, grad), torch.autograd.grad(got, params, grad)):
-        _check("head grad", a, b, 1e-11)
+        assert_scale_close(b, a, 1e-11, name="head grad")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -446,7 +413,7 @@ def test_fast_head_drops_both_layers_of_each_branch_with_its_p(p):
     frac = int(kept.sum()) / n_pos
     assert abs(frac - survive) < 5 * math.sqrt(survive * (1 - survive) / n_pos), \
         f"{frac:.3f} of the units survive, expected about {survive:.3f}"
-    _check("kept units", hidden[kept] / (1 - p) ** 2, got[kept], 1e-12)
+    assert_scale_close(got[kept], hidden[kept] / (1 - p) ** 2, 1e-12, name="kept units")
 
 
 @pytest.mark.parametrize("executor", ["batched", "tree"])
@@ -468,35 +435,13 @@ def test_model_with_dropout_modules_in_eval_mode_equals_reference(executor):
         _loss(out, model).backward()
         outs.append(out)
     for task in outs[0]:
-        _check(f"output {task}", outs[0][task], outs[1][task], 1e-10)
-    n_compared = 0
-    for (name, p_ref), (_, p_fast) in zip(ref.named_parameters(), fast.named_parameters()):
-        if p_fast.grad is None:  # a block no task runs (tree): the reference's gradient is None or zero
-            ref_zero = p_ref.grad is None or not bool(p_ref.grad.any())
-            assert ref_zero, f"{name}: no gradient, the reference's is non-zero"
-            continue
-        assert p_ref.grad is not None, f"{name}: a gradient where the reference has none"
-        _check(f"grad {name}", p_ref.grad, p_fast.grad, 1e-9, floor=1e-6)
-        n_compared += 1
-    assert n_compared > 0, "no gradient compared"
+        assert_scale_close(outs[1][task], outs[0][task], 1e-10, name=f"output {task}")
+    # A block no task runs (tree) has no gradient: the reference's must be None or zero.
+    compare_grads(ref, fast, lambda got, want, name: assert_scale_close(got, want, 1e-9, 1e-6, name))
 
 
 # ----------------------------------------------------------------------------------------------------
 # BatchNorms the batched executor cannot segment; empty batches.
-
-def _plain_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every SegmentedBatchNorm2d by a plain nn.BatchNorm2d with the same state (in place)."""
-    from fastshare.model.norm import SegmentedBatchNorm2d
-
-    for name, child in module.named_children():
-        if isinstance(child, SegmentedBatchNorm2d):
-            plain = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.dtype)
-            plain.load_state_dict(child.state_dict())
-            setattr(module, name, plain)
-        else:
-            _plain_batch_norms(child)
-    return module
-
 
 def test_batched_rejects_batch_norms_that_pool_the_tasks():
     ref, fast = _pair("resnet18", 3, torch.float64)
@@ -505,16 +450,16 @@ def test_batched_rejects_batch_norms_that_pool_the_tasks():
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fast)).train()
     with pytest.raises(TypeError, match=r"SegmentedBatchNorm2d .*backbone\.bn1 is a SyncBatchNorm"):
         synced(x, gates, executor="batched")
-    plain = _plain_batch_norms(copy.deepcopy(fast)).train()
+    plain = plain_batch_norms(copy.deepcopy(fast)).train()
     with pytest.raises(TypeError, match=r"backbone\.bn1 is a BatchNorm2d"):
         plain(x, gates, executor="batched")
     # On running statistics a BatchNorm of any class is an affine map: eval mode is accepted and exact.
-    _plain_batch_norms(ref).eval()
+    plain_batch_norms(ref).eval()
     plain.eval()
     out_ref = ref(x, gates, executor="sequential")
     out = plain(x, gates, executor="batched")
     for task in out_ref:
-        _check(f"eval output {task}", out_ref[task], out[task], 1e-10)
+        assert_scale_close(out[task], out_ref[task], 1e-10, name=f"eval output {task}")
 
 
 def test_sync_bn_needs_the_sequential_executor():

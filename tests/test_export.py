@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import fastshare
-from conftest import assert_close_verbose
+from conftest import assert_close_verbose, without_running_stats
 from fastshare.compact import CompactNet
 from fastshare.model import AdaShareNet
 
@@ -202,11 +202,7 @@ def test_bottleneck_batch_norms_stay_frozen():
 def test_batch_norm_without_running_stats(model, x):
     import copy
 
-    net = copy.deepcopy(model)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
+    net = without_running_stats(copy.deepcopy(model))
     compact = fastshare.export(net, POLICY)
     assert not any("running_" in k or "num_batches" in k for k in compact.state_dict())
     with torch.no_grad():

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_close_verbose, record_split_conv_calls
+from conftest import (assert_close_verbose, assert_scale_close, compare_grads, plain_batch_norms,
+                      record_split_conv_calls, without_running_stats)
 from fastshare import executors
 from fastshare.losses import task_loss
 from fastshare.model import AdaShareNet
@@ -104,39 +105,6 @@ def _compare_both_modes(backbone, k, policy, dtype, out_tol, grad_tol, x_size=33
         _check(ref, tree, policy, *outs, out_tol, grad_tol, train)
 
 
-def _assert_scale_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, floor: float, name: str) -> None:
-    """``max|got - ref| <= rtol * max(max|ref|, floor)``: the error relative to the tensor's own scale. Any
-    NaN or infinity fails (named as such where only one of the two tensors has it)."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    got, ref = got.detach().double(), ref.detach().double()
-    finite_got, finite_ref = torch.isfinite(got), torch.isfinite(ref)
-    assert torch.equal(finite_got, finite_ref), \
-        f"{name}: {int((finite_got != finite_ref).sum())} elements finite in only one of result and reference"
-    scale = max(float(ref.abs().max()) if ref.numel() else 0.0, floor, 1e-300)
-    err = (got - ref).abs()
-    if not float(err.max()) <= rtol * scale:
-        worst = int(err.argmax())
-        raise AssertionError(f"{name}: max abs err {float(err.max()):.3e} > {rtol:.1e} x scale {scale:.3e} "
-                             f"(relative {float(err.max()) / scale:.3e}); worst flat index {worst}: got "
-                             f"{got.flatten()[worst].item():.8g}, expected {ref.flatten()[worst].item():.8g}")
-
-
-def _compare_grads(ref, tree, check) -> None:
-    """``check(got, want, name)`` on each parameter's gradient from the tree executor; a parameter it
-    leaves without one (used by no task) must have none or an all-zero one in the reference. At least one
-    gradient is compared."""
-    n_compared = 0
-    for (name, p_ref), (_, p_tree) in zip(ref.named_parameters(), tree.named_parameters()):
-        if p_tree.grad is None:
-            ref_zero = p_ref.grad is None or not bool(p_ref.grad.any())
-            assert ref_zero, f"{name}: no gradient, the reference's is non-zero"
-            continue
-        assert p_ref.grad is not None, f"{name}: a gradient where the reference has none"
-        check(p_tree.grad, p_ref.grad, f"grad {name}")
-        n_compared += 1
-    assert n_compared > 0, "no gradient compared"
-
-
 def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, grad_rtol, train, steps=1):
     """Outputs, loss, every gradient and (``train``) BatchNorm state after ``steps`` training steps."""
     for task in out_ref:
@@ -144,7 +112,7 @@ def _check(ref, tree, policy, out_ref, out_tree, loss_ref, loss_tree, out_tol, g
     assert_close_verbose(loss_tree, loss_ref, *out_tol, name="loss")
     grads = [p.grad for p in ref.parameters() if p.grad is not None]
     floor = GRAD_FLOOR[grads[0].dtype] * max(float(g.abs().max()) for g in grads)
-    _compare_grads(ref, tree, lambda got, want, name: _assert_scale_close(got, want, grad_rtol, floor, name))
+    compare_grads(ref, tree, lambda got, want, name: assert_scale_close(got, want, grad_rtol, floor, name))
     if not train:
         return
     bb = tree.backbone
@@ -225,7 +193,7 @@ def test_resnet34_nyu_policy_real_losses():
         loss.backward()
         losses.append(loss)
     assert_close_verbose(losses[1], losses[0], *F64, name="loss")
-    _compare_grads(ref, tree, lambda got, want, name: assert_close_verbose(got, want, 1e-10, 1e-7, name=name))
+    compare_grads(ref, tree, lambda got, want, name: assert_close_verbose(got, want, 1e-10, 1e-7, name=name))
 
 
 def test_partial_blocks_follow_the_documented_rule():
@@ -300,32 +268,24 @@ def test_gradient_check_is_relative_to_each_parameter():
     though within the absolute 1e-5 this file used to allow."""
     ref = 1e-3 * torch.randn(64, generator=torch.Generator().manual_seed(0))
     scale = float(ref.abs().max())
-    _assert_scale_close(ref + 1e-5 * scale, ref, F32_GRAD, 0.0, "small error")
+    assert_scale_close(ref + 1e-5 * scale, ref, F32_GRAD, 0.0, "small error")
     bad = ref + 2e-3 * scale
     assert_close_verbose(bad, ref, 1e-5 * max(scale, 1.0), 1e-4, name="the old, absolute check")
-    with pytest.raises(AssertionError, match=r"relative 2\.0+e-03"):
-        _assert_scale_close(bad, ref, F32_GRAD, 0.0, "grad")
+    with pytest.raises(AssertionError, match=r"relative error 2\.0+e-03"):
+        assert_scale_close(bad, ref, F32_GRAD, 0.0, "grad")
 
 
 def test_gradient_check_fails_on_nan_and_inf():
-    """``_assert_scale_close`` fails on one NaN or infinity in the result, and on NaN in both tensors."""
+    """``assert_scale_close`` fails on one NaN or infinity in the result, and on NaN in both tensors."""
     ref = torch.randn(5, 5, dtype=torch.float64)
     for bad in (float("nan"), float("inf")):
         got = ref.clone()
         got[2, 3] = bad
         with pytest.raises(AssertionError, match="finite in only one"):
-            _assert_scale_close(got, ref, 1e-8, 0.0, "grad")
+            assert_scale_close(got, ref, 1e-8, 0.0, "grad")
     nan = torch.full_like(ref, float("nan"))
-    with pytest.raises(AssertionError, match="relative nan"):
-        _assert_scale_close(nan, nan, 1e-8, 0.0, "grad")
-
-
-def _without_running_stats(model: AdaShareNet) -> AdaShareNet:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
-    return model
+    with pytest.raises(AssertionError, match="relative error nan"):
+        assert_scale_close(nan, nan, 1e-8, 0.0, "grad")
 
 
 @pytest.mark.parametrize("case", ["random", "rejoin"])
@@ -333,7 +293,7 @@ def test_batch_norm_without_running_stats_float64(case):
     """BatchNorm with track_running_stats=False uses batch statistics in train and eval mode: stacked
     sibling nodes must each be normalised with their own rows' statistics."""
     policy = _policy(case, 3, 8, seed=3)
-    ref = _without_running_stats(_model("resnet18", 3, torch.float64))
+    ref = without_running_stats(_model("resnet18", 3, torch.float64))
     tree = copy.deepcopy(ref)
     x = torch.randn(2, 3, 41, 41, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     for train in (False, True):
@@ -342,22 +302,8 @@ def test_batch_norm_without_running_stats_float64(case):
 
 
 def test_plain_batch_norm_is_supported_and_sync_batch_norm_refused():
-    from fastshare.model.norm import SegmentedBatchNorm2d
-
     policy = _policy("random", 3, 8, seed=5)
-    ref = _model("resnet18", 3, torch.float64)
-
-    def plain(module):  # SegmentedBatchNorm2d -> nn.BatchNorm2d, same state
-        for name, child in module.named_children():
-            if isinstance(child, SegmentedBatchNorm2d):
-                new = nn.BatchNorm2d(child.num_features, child.eps, child.momentum).double()
-                new.load_state_dict(child.state_dict())
-                setattr(module, name, new)
-            else:
-                plain(child)
-        return module
-
-    ref = plain(ref)
+    ref = plain_batch_norms(_model("resnet18", 3, torch.float64))
     tree = copy.deepcopy(ref)
     x = torch.randn(2, 3, 33, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     _check(ref, tree, policy, *_run_pair(ref, tree, policy, x, True), F64, F64_GRAD, True)

@@ -32,6 +32,16 @@ def env_var(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+def cudnn_flags(**changes: bool) -> contextlib.AbstractContextManager[None]:
+    """``torch.backends.cudnn.flags`` for a block with cuDNN's ``enabled``, ``benchmark``, ``deterministic``
+    and ``allow_tf32`` as they are now, except those set in ``changes`` (e.g. ``benchmark=False``); every
+    flag restored after the block."""
+    cudnn = torch.backends.cudnn
+    current = {"enabled": cudnn.enabled, "benchmark": cudnn.benchmark, "deterministic": cudnn.deterministic,
+               "allow_tf32": cudnn.allow_tf32}
+    return cudnn.flags(**{**current, **changes})
+
+
 def data_checks(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Set ``FASTSHARE_DATA_CHECKS`` (value checks that read tensors: one host sync each) for a block."""
     return env_var("FASTSHARE_DATA_CHECKS", "1" if enabled else "0")

@@ -130,20 +130,43 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 ORACLE_FLOOR = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float64: 1e-10}
 
 
+def _comparable(name: str, actual: torch.Tensor | None, expected: torch.Tensor | None,
+                reference: str = "reference") -> bool:
+    """The zero rule of :func:`check_relative` and :func:`check_oracle`: a missing tensor (None: a gradient
+    the path never computes) equals an all-zero one. False where ``expected`` is zero or missing and so is
+    ``actual``; True where ``expected`` is non-zero and ``actual`` has its shape; otherwise raises
+    :class:`PrepassError` (``reference`` names ``expected`` in the message)."""
+    if expected is None or not bool(expected.any()):
+        if actual is not None and bool(actual.any()):
+            raise PrepassError(f"{name}: non-zero where the {reference} is zero or absent")
+        return False
+    if actual is None:
+        raise PrepassError(f"{name}: missing, the {reference} is non-zero")
+    if actual.shape != expected.shape:
+        raise PrepassError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(expected.shape)}")
+    return True
+
+
+def check_relative(name: str, actual: torch.Tensor | None, expected: torch.Tensor | None, rtol: float) -> float:
+    """``||actual - expected|| / ||expected|| <= rtol``; a missing tensor (None) equals an all-zero one, and
+    where ``expected`` is zero or missing ``actual`` must be too; NaN fails. Raises :class:`PrepassError`;
+    returns the relative error (0 where ``expected`` is zero)."""
+    if not _comparable(name, actual, expected):
+        return 0.0
+    err = rel_error(actual, expected)
+    if not err <= rtol:
+        raise PrepassError(f"{name}: relative error {err:.3e} from the reference > {rtol:.0e}")
+    return err
+
+
 def check_oracle(name: str, actual: torch.Tensor | None, same_dtype_ref: torch.Tensor | None,
                  oracle: torch.Tensor | None, floor: float) -> float:
     """flash-attn rule on relative norms: ``err(actual) <= 2 err(same_dtype_ref) + floor``, both errors
     ``||x - oracle|| / ||oracle||`` against a float64 ``oracle``. A missing tensor (None: a gradient the path
     never computes) equals an all-zero one. Raises :class:`PrepassError`; returns ``err(actual)``."""
-    if oracle is None or not bool(oracle.any()):
-        for t in (actual, same_dtype_ref):
-            if t is not None and bool(t.any()):
-                raise PrepassError(f"{name}: non-zero where the float64 reference is zero or absent")
+    if not _comparable(name, actual, oracle, "float64 reference"):
+        _comparable(name, same_dtype_ref, oracle, "float64 reference")  # zero or absent too
         return 0.0
-    if actual is None:
-        raise PrepassError(f"{name}: missing, the float64 reference is non-zero")
-    if actual.shape != oracle.shape:
-        raise PrepassError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(oracle.shape)}")
     err = rel_error(actual, oracle)
     ref_err = rel_error(same_dtype_ref, oracle)
     if not err <= 2 * ref_err + floor:

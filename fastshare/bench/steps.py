@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from fastshare.bench.common import backward_grads, data_checks, env_var, finish_ratios, log, record_timed
+from fastshare.bench.common import (backward_grads, cudnn_flags, data_checks, env_var, finish_ratios, log,
+                                   record_timed)
 from fastshare.bench.config import SuiteConfig
 from fastshare.bench.op_cases import op_backends
 from fastshare.bench.prepass import ORACLE_FLOOR, PrepassError, check_oracle
@@ -159,8 +160,7 @@ def _precision(precision: str, device: torch.device, graph: bool = False) -> Ite
     old_mm = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=torch.backends.cudnn.benchmark,
-                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=tf32):
+        with cudnn_flags(enabled=True, allow_tf32=tf32):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_mm
@@ -252,10 +252,7 @@ def run_step_cases(cfg: SuiteConfig, device: torch.device, matmul: "MatmulRates"
 def _oracle_settings() -> Iterator[None]:
     """The float64 oracle: padded convolutions (the spec; no split timing for a dtype nobody times) and no
     cuDNN algorithm search (under ``--cudnn-benchmark`` it would search every float64 convolution)."""
-    with env_var("FASTSHARE_CONV_SPLIT", "never"), \
-            torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False,
-                                       deterministic=torch.backends.cudnn.deterministic,
-                                       allow_tf32=torch.backends.cudnn.allow_tf32):
+    with env_var("FASTSHARE_CONV_SPLIT", "never"), cudnn_flags(benchmark=False):
         yield
 
 

@@ -12,7 +12,7 @@ import torch
 
 from fastshare.bench.blocks import run_block_cases
 from fastshare.bench.config import STEP_PRECISIONS, SuiteConfig, suite_config
-from fastshare.bench.common import log
+from fastshare.bench.common import cudnn_flags, log
 from fastshare.bench.environment import environment
 from fastshare.bench.op_cases import run_op_cases
 from fastshare.bench.rates import MatmulRates, measure_copy_bandwidth
@@ -106,9 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def partial(rates: dict[str, Any], done: list[CaseResult], skipped: dict[str, str]) -> None:
         write_results(path, env, run_config(True), rates, done, skipped)
 
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=args.cudnn_benchmark,
-                                    deterministic=torch.backends.cudnn.deterministic,
-                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+    with cudnn_flags(benchmark=args.cudnn_benchmark):
         rates, results, skipped = run_suite(cfg, args.filter, progress=partial)
     if not results:
         log(f"fastshare bench: no case matches --filter {' / '.join(args.filter or [])!r}")
